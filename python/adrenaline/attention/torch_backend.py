@@ -1,0 +1,79 @@
+"""Reference attention backend in plain PyTorch (CPU and GPU).
+
+Decode requests are batched into one padded SDPA call (one query each; padding masked out);
+each prefill chunk gets its own SDPA call with a causal mask offset by its cached prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adrenaline.attention.base import AttentionBackend, AttentionBatch
+
+
+def request_slots(pages: list[int], seq_len: int, page_size: int, device: torch.device) -> torch.Tensor:
+    """Flat KV slot of every position 0..seq_len-1 of a request."""
+    p = torch.tensor(pages, dtype=torch.long, device=device)
+    return (p[:, None] * page_size + torch.arange(page_size, device=device)).flatten()[:seq_len]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    def plan(self, batch: AttentionBatch) -> None:
+        dev = self.pool.device
+        ps = self.pool.page_size
+        self.out_slots = batch.out_slots
+        starts, t = [], 0
+        for e in batch.extend_lens:
+            starts.append(t)
+            t += e
+        dec = [i for i, e in enumerate(batch.extend_lens) if e == 1]
+        self.prefills = []
+        for i, e in enumerate(batch.extend_lens):
+            if e == 1:
+                continue
+            slots = request_slots(batch.page_table[i], batch.seq_lens[i], ps, dev)
+            prefix = batch.seq_lens[i] - e
+            mask = None
+            if prefix:
+                kv_pos = torch.arange(batch.seq_lens[i], device=dev)
+                mask = kv_pos[None, :] <= (prefix + torch.arange(e, device=dev))[:, None]
+            self.prefills.append((starts[i], e, slots, mask))
+        # decode group: (token rows or None when the batch is all decodes, kv slot matrix, mask)
+        self.decode: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+        if dec:
+            lens = [batch.seq_lens[i] for i in dec]
+            width = max(lens)
+            idx = torch.zeros(len(dec), width, dtype=torch.long, device=dev)
+            for row, i in enumerate(dec):
+                idx[row, : lens[row]] = request_slots(batch.page_table[i], lens[row], ps, dev)
+            valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+            rows = None if len(dec) == t else torch.tensor([starts[i] for i in dec], device=dev)
+            self.decode = (rows, idx, valid[:, None, None, :])
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool) -> torch.Tensor:
+        """q: [B, H, Tq, D]; k/v: [B, Hkv, Tk, D]."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+        )
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.pool.write(layer, self.out_slots, k, v)
+        kf, vf = self.pool.flat(layer)
+        q = q.to(kf.dtype)
+        if self.decode is not None and self.decode[0] is None:
+            return self._decode(q, kf, vf)
+        out = torch.empty_like(q)
+        for start, e, slots, mask in self.prefills:
+            qs = q[start : start + e].transpose(0, 1)[None]
+            ks, vs = kf[slots].transpose(0, 1)[None], vf[slots].transpose(0, 1)[None]
+            out[start : start + e] = self._sdpa(qs, ks, vs, mask, mask is None)[0].transpose(0, 1)
+        if self.decode is not None:
+            rows = self.decode[0]
+            out[rows] = self._decode(q[rows], kf, vf)
+        return out
+
+    def _decode(self, q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
+        _, idx, mask = self.decode
+        ks, vs = kf[idx].transpose(1, 2), vf[idx].transpose(1, 2)  # [B, Hkv, W, D]
+        return self._sdpa(q[:, :, None, :], ks, vs, mask, False)[:, :, 0, :]

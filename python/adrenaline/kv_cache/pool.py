@@ -1,0 +1,41 @@
+"""KV storage: per layer, K and V tensors of shape [num_pages, page_size, kv_heads, head_dim].
+
+That is FlashInfer's NHD paged layout, so the FlashInfer backend reads the pool in place; the
+torch backend views it as a flat [slots, kv_heads, head_dim] token array (slot = page * page_size
++ offset).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adrenaline.model_config import ModelConfig
+
+
+class KVPool:
+    def __init__(
+        self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype, device: str | torch.device
+    ) -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_pages * self.page_size
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        fk, fv = self.flat(layer)
+        fk[slots] = k.to(self.dtype)
+        fv[slots] = v.to(self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

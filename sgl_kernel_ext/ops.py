@@ -1,0 +1,57 @@
+"""Op dispatch: FlashInfer's fused CUDA kernels on GPU tensors, the torch reference elsewhere."""
+
+from __future__ import annotations
+
+import torch
+
+from sgl_kernel_ext import reference
+
+
+def _flashinfer():
+    try:
+        import flashinfer
+
+        return flashinfer
+    except Exception:  # not installed or no CUDA runtime
+        return None
+
+
+def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, scale: float = 1.0) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos of each frequency, then sin (FlashInfer's layout)."""
+    t = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+    freqs = torch.outer(t, inv_freq.float())
+    return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda and (fi := _flashinfer()) is not None:
+        return fi.norm.rmsnorm(x.contiguous(), weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_cuda and (fi := _flashinfer()) is not None:
+        x = x.contiguous()
+        fi.norm.fused_add_rmsnorm(x, residual, weight, eps)  # in place: x <- norm(x + r), r <- x + r
+        return x, residual
+    return reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.is_cuda and (fi := _flashinfer()) is not None:
+        return fi.activation.silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.is_cuda and (fi := _flashinfer()) is not None:
+        t, hq, d = q.shape
+        hk = k.shape[1]
+        q2, k2 = q.reshape(t, hq * d).contiguous(), k.reshape(t, hk * d).contiguous()
+        fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q2, k2, d, cos_sin, is_neox=True)
+        return q2.view(t, hq, d), k2.view(t, hk, d)
+    return reference.apply_rope(q, k, positions, cos_sin)

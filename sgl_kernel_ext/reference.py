@@ -1,0 +1,45 @@
+"""Torch reference implementations, numerically matching HF transformers' Llama modules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x`` then normalise it; returns (normed, new residual)."""
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (Llama's ``rotate_half``) on [T, heads, head_dim] tensors.
+
+    ``cos_sin`` is the cache from ``rope_cos_sin_cache``: [max_pos, head_dim] holding cos | sin halves.
+    """
+    half = cos_sin.shape[-1] // 2
+    cs = cos_sin.index_select(0, positions)
+    cos = cs[:, None, :half].repeat(1, 1, 2).to(q.dtype)
+    sin = cs[:, None, half:].repeat(1, 1, 2).to(q.dtype)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., :half], x[..., half:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    return rot(q), rot(k)
