@@ -80,10 +80,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("cos_sin", self._rope_cache(cfg), persistent=False)
+        self.register_buffer("cos_sin", self.rope_cache(cfg), persistent=False)
 
     @staticmethod
-    def _rope_cache(cfg: ModelConfig) -> torch.Tensor:
+    def rope_cache(cfg: ModelConfig) -> torch.Tensor:
         """cos|sin table from HF's own rope initialisers (default, llama3, linear, yarn, ...)."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -1,0 +1,1 @@
+"""Models: the Llama-family decoder, the safetensors loader and the default model."""

@@ -1,0 +1,243 @@
+"""Continuous batching over a ``ModelRunner``: the loop the offline Engine and the server share.
+
+Each ``step`` forms one mixed batch: every running request's next tokens (one for a decode, a
+chunk for an unfinished prefill), then waiting requests admitted under the token budget
+(``chunked_prefill_size``) and the running cap. Prompt prefixes already in the KV cache are reused.
+When the pool cannot hold a running request's next token, the most recently admitted request is
+retracted (its pages freed, its tokens recomputed later): nothing fails for lack of KV.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from adrenaline.config import EngineConfig
+from adrenaline.kv_cache.allocator import PageAllocator, page_hashes
+from adrenaline.runner.model_runner import ModelRunner
+from adrenaline.sampling.grammar import GrammarCompiler
+from adrenaline.sampling.sampler import Sampler
+from adrenaline.scheduler.batch import ForwardBatch, ScheduledReq
+from adrenaline.scheduler.finish import FinishChecker
+from adrenaline.scheduler.request import Req, finish_abort, finish_length
+
+
+@dataclass
+class SchedulerStats:
+    forward_passes: int = 0
+    prompt_tokens_computed: int = 0
+    prompt_tokens_cached: int = 0
+    generated_tokens: int = 0
+    retractions: int = 0
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, config: EngineConfig, tokenizer) -> None:
+        self.runner = runner
+        self.config = config
+        self.page_size = runner.page_size
+        mc = runner.model_config
+        self.context_len = mc.context_len
+        self.allocator = PageAllocator(runner.pool.num_pages, self.page_size, config.enable_prefix_caching)
+        grammar = GrammarCompiler(tokenizer, mc.vocab_size, mc.eos_token_ids) if tokenizer is not None else None
+        self.grammar = grammar
+        self.sampler = Sampler(mc.vocab_size, mc.eos_token_ids, grammar)
+        self.finish = FinishChecker(tokenizer, mc.eos_token_ids, self.context_len)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.stats = SchedulerStats()
+
+    # ---- requests in and out ------------------------------------------------------------------
+    def validate(self, req: Req) -> None:
+        """Raise ValueError (a client error) for a request that can never be served."""
+        n = len(req.input_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        limit = min(self.context_len, self.runner.max_total_tokens)
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens; this server accepts at most {limit - 1}")
+        vocab = self.runner.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.input_ids):
+            raise ValueError(f"input_ids must be in [0, {vocab})")
+        req.params.verify(vocab)
+        if req.logprob_start_len >= n:
+            raise ValueError(f"logprob_start_len ({req.logprob_start_len}) must be below the prompt length ({n})")
+
+    def add_request(self, req: Req) -> None:
+        self.validate(req)
+        if self.grammar is not None:
+            req.grammar = self.grammar.compile(req.params)
+        if req.params.sampling_seed is not None:
+            req.generator = torch.Generator(device=self.runner.device).manual_seed(req.params.sampling_seed)
+        if req.wants_prompt_logprobs and req.logprob_start_len == 0:
+            req.input_logprobs.append(None)  # the first token has no score
+            req.input_top_logprobs.append(None)
+        if req.params.max_new_tokens == 0 and not req.wants_prompt_logprobs:
+            req.finished_reason = finish_length(0)
+            return
+        self.waiting.append(req)
+
+    def abort(self, rid: str | None = None, message: str = "aborted by request") -> list[Req]:
+        """Abort one request (or all when rid is None); returns the aborted requests."""
+        hit = [r for r in [*self.running, *self.waiting] if rid is None or r.rid == rid]
+        for r in hit:
+            r.finished_reason = finish_abort(message, 400)
+            self._release(r)
+        self.running = [r for r in self.running if not r.finished]
+        self.waiting = deque(r for r in self.waiting if not r.finished)
+        return hit
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- KV pages -------------------------------------------------------------------------------
+    def _reserve(self, req: Req, tokens: int) -> bool:
+        need = -(-tokens // self.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_available:
+            return False
+        req.pages.extend(self.allocator.alloc(need))
+        return True
+
+    def _release(self, req: Req) -> None:
+        """Free a request's pages, publishing its fully computed pages for prefix reuse."""
+        full = req.num_computed // self.page_size
+        if full:
+            self.allocator.publish(req.pages[:full], page_hashes(req.fill_ids, self.page_size, full))
+        self.allocator.free(req.pages)
+        req.pages = []
+        req.num_computed = 0
+
+    def _match_prefix(self, req: Req) -> None:
+        limit = req.seq_len - 1  # the last token is always computed: its logits are sampled
+        if req.wants_prompt_logprobs:
+            limit = min(limit, max(req.logprob_start_len - 1 + len(req.input_logprobs), 0))
+        pages = self.allocator.match_prefix(page_hashes(req.fill_ids, self.page_size, limit // self.page_size))
+        req.pages = pages
+        req.num_computed = req.cached_tokens = len(pages) * self.page_size
+
+    def _retract(self, victim: Req) -> None:
+        self._release(victim)
+        victim.retractions += 1
+        self.stats.retractions += 1
+        self.running.remove(victim)
+        self.waiting.appendleft(victim)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledReq]:
+        items: list[ScheduledReq] = []
+        budget = self.config.chunked_prefill_size
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.seq_len - req.num_computed, budget)
+            while not self._reserve(req, req.num_computed + n):
+                victim = self.running[-1]
+                self._retract(victim)
+                if victim is req:
+                    break
+            if req in self.running:
+                items.append(self._item(req, n))
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting[0]
+            if not req.pages:
+                self._match_prefix(req)
+            n = min(req.seq_len - req.num_computed, budget)
+            if not self._reserve(req, req.num_computed + n):
+                if not self.running and not items:  # alone and still too big: it can never run
+                    self._release(req)
+                    self.waiting.popleft()
+                    req.finished_reason = finish_abort("the request does not fit in the KV cache", 400)
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            items.append(self._item(req, n))
+            self.stats.prompt_tokens_cached += req.cached_tokens
+            budget -= n
+        return items
+
+    def _item(self, req: Req, n: int) -> ScheduledReq:
+        start = req.num_computed
+        end = start + n
+        reaches_end = end == req.seq_len
+        sample = reaches_end and len(req.output_ids) < req.params.max_new_tokens
+        return ScheduledReq(req, start, n, req.prompt_logprob_rows(start, end), sample)
+
+    def step(self) -> list[Req]:
+        """Run one forward pass; return the requests that got a new token or finished."""
+        items = self.schedule()
+        done_early = [r for r in self.waiting if r.finished]  # e.g. too big for the cache
+        self.waiting = deque(r for r in self.waiting if not r.finished)
+        if not items:
+            return done_early
+        batch = ForwardBatch.build(items, self.page_size, self.runner.device)
+        logits = self.runner.forward(batch)
+        self.stats.forward_passes += 1
+        return done_early + self.process(items, logits)
+
+    def process(self, items: list[ScheduledReq], logits: torch.Tensor) -> list[Req]:
+        """Record prompt logprobs, sample, check finish, free finished requests."""
+        row = 0
+        sample_rows, sample_reqs = [], []
+        for it in items:
+            req = it.req
+            it.req.num_computed = it.end
+            if it.start < len(req.input_ids):
+                self.stats.prompt_tokens_computed += min(it.end, len(req.input_ids)) - it.start
+            if it.prompt_rows:
+                self._record_prompt_logprobs(req, logits[row : row + len(it.prompt_rows)])
+                row += len(it.prompt_rows)
+            if it.sample:
+                sample_rows.append(row)
+                sample_reqs.append(req)
+                row += 1
+        progressed: list[Req] = []
+        if sample_reqs:
+            out = self.sampler(
+                logits[sample_rows],
+                [r.sample_row(len(r.output_ids) < r.params.min_new_tokens) for r in sample_reqs],
+            )
+            for j, req in enumerate(sample_reqs):
+                self._append_token(req, out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
+                progressed.append(req)
+        for it in items:  # a prefill of max_new_tokens=0 ends without sampling
+            req = it.req
+            if not it.sample and it.end == req.seq_len and req.params.max_new_tokens == 0:
+                req.finished_reason = finish_length(0)
+                progressed.append(req)
+        for req in progressed:
+            if req.finished:
+                self._release(req)
+        self.running = [r for r in self.running if not r.finished]
+        return progressed
+
+    def _record_prompt_logprobs(self, req: Req, logits: torch.Tensor) -> None:
+        lp = torch.log_softmax(logits, dim=-1)
+        first = req.logprob_start_len - 1 + len(req.input_logprobs)  # position scoring the next token
+        targets = torch.tensor(req.input_ids[first + 1 : first + 1 + lp.shape[0]], device=lp.device)
+        req.input_logprobs.extend(lp.gather(1, targets[:, None])[:, 0].tolist())
+        k = req.top_logprobs_num
+        if k:
+            vals, idx = lp.topk(k, dim=-1)
+            req.input_top_logprobs.extend(list(zip(v, i)) for v, i in zip(vals.tolist(), idx.tolist()))
+        else:
+            req.input_top_logprobs.extend([None] * lp.shape[0])
+
+    def _append_token(self, req: Req, token: int, logprob: float | None, top) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        if req.return_logprob:
+            req.output_logprobs.append(logprob)
+            req.output_top_logprobs.append(top)
+        if req.grammar is not None:
+            req.grammar.accept(token)
+        req.finished_reason = self.finish.check(req)
