@@ -11,6 +11,7 @@ import torch
 class EngineConfig:
     model_path: str | None = None  # None -> the default model (SmolLM2-135M-Instruct)
     tokenizer_path: str | None = None
+    skip_tokenizer_init: bool = False  # ids in, ids out: no text, stop strings or grammars
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     attention_backend: str = "auto"  # auto | torch | flashinfer

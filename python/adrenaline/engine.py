@@ -22,9 +22,11 @@ class Engine:
             raise TypeError(f"unknown Engine argument(s): {', '.join(unknown)}")
         self.config = EngineConfig(model_path=model_path, **kwargs)
         self.model_path = resolve_model_path(model_path)
-        from transformers import AutoTokenizer
+        self.tokenizer = None
+        if not self.config.skip_tokenizer_init:
+            from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer_path or self.model_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer_path or self.model_path)
         self.runner = ModelRunner(self.config, self.model_path)
         self.scheduler = Scheduler(self.runner, self.config, self.tokenizer)
         self._ids = itertools.count()
@@ -41,8 +43,12 @@ class Engine:
         """Generate for one prompt (returns a dict) or a batch (returns a list), run as one batch."""
         if (prompt is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompt and input_ids")
-        single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
+        single = isinstance(prompt, str) or (
+            input_ids is not None and input_ids and isinstance(input_ids[0], int)
+        )
         if prompt is not None:
+            if self.tokenizer is None:
+                raise ValueError("this engine was started with skip_tokenizer_init: pass input_ids")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             batch_ids = [self.tokenizer.encode(p) for p in prompts]
         else:
@@ -70,7 +76,11 @@ class Engine:
         fr = req.finished_reason or {}
         if fr.get("type") == "stop" and isinstance(fr.get("matched"), int) and not p.no_stop_trim:
             ids = ids[:-1]  # SGLang drops the matched stop token from the text
-        text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+        text = (
+            ""
+            if self.tokenizer is None
+            else self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+        )
         if fr.get("type") == "stop" and isinstance(fr.get("matched"), str) and not p.no_stop_trim:
             text = text[: text.find(fr["matched"])] if fr["matched"] in text else text
         meta: dict[str, Any] = {
@@ -84,7 +94,9 @@ class Engine:
             meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
             meta["output_top_logprobs"] = req.output_top_logprobs
             if req.wants_prompt_logprobs:
-                meta["input_token_logprobs"] = list(zip(req.input_logprobs, req.input_ids[req.logprob_start_len :]))
+                meta["input_token_logprobs"] = list(
+                    zip(req.input_logprobs, req.input_ids[req.logprob_start_len :])
+                )
                 meta["input_top_logprobs"] = req.input_top_logprobs
         return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
 

@@ -26,7 +26,13 @@ def resolve_dtype(name: str | torch.dtype, hf_dtype: str | torch.dtype | None) -
         if hf_dtype is None:
             return torch.float32
         return hf_dtype if isinstance(hf_dtype, torch.dtype) else _DTYPES.get(str(hf_dtype), torch.float32)
-    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    aliases = {
+        "fp32": "float32",
+        "float": "float32",
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+    }
     key = aliases.get(name, name)
     if key not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; choose one of auto, float32, bfloat16, float16")
@@ -94,9 +100,17 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
             eos_token_ids=eos_ids,
-            sliding_window=getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None,
+            sliding_window=getattr(hf, "sliding_window", None)
+            if getattr(hf, "use_sliding_window", True)
+            else None,
             hf_config=hf,
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return (
+            2
+            * self.num_layers
+            * self.num_kv_heads
+            * self.head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )

@@ -7,7 +7,9 @@ from adrenaline.attention.split import SplitAttention
 from adrenaline.kv_cache.pool import KVPool
 
 
-def create_backend(name: str, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionBackend:
+def create_backend(
+    name: str, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
+) -> AttentionBackend:
     if name == "torch":
         from adrenaline.attention.torch_backend import TorchAttentionBackend
 

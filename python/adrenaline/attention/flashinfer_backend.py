@@ -20,7 +20,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         import flashinfer
 
         if pool.device.type != "cuda":
-            raise ValueError("the flashinfer attention backend needs a CUDA device; use --attention-backend torch")
+            raise ValueError(
+                "the flashinfer attention backend needs a CUDA device; use --attention-backend torch"
+            )
         ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
@@ -33,20 +35,36 @@ class FlashInferAttentionBackend(AttentionBackend):
             [p for row, n in zip(batch.page_table, pages_used) for p in row[:n]], dtype=torch.int32
         )
         kv_indptr = torch.tensor([0, *pages_used], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        last_len = torch.tensor([s - (n - 1) * ps for s, n in zip(batch.seq_lens, pages_used)], dtype=torch.int32)
+        last_len = torch.tensor(
+            [s - (n - 1) * ps for s, n in zip(batch.seq_lens, pages_used)], dtype=torch.int32
+        )
         common = dict(q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype, sm_scale=self.scale)
         self.out_slots = batch.out_slots
         self.is_decode = batch.is_decode
         if self.is_decode:
             self._decode.plan(
-                kv_indptr.to(dev), indices.to(dev), last_len.to(dev),
-                self.num_heads, self.num_kv_heads, self.head_dim, ps, **common,
+                kv_indptr.to(dev),
+                indices.to(dev),
+                last_len.to(dev),
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                ps,
+                **common,
             )
         else:
             qo_indptr = torch.tensor([0, *batch.extend_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             self._prefill.plan(
-                qo_indptr.to(dev), kv_indptr.to(dev), indices.to(dev), last_len.to(dev),
-                self.num_heads, self.num_kv_heads, self.head_dim, ps, causal=True, **common,
+                qo_indptr.to(dev),
+                kv_indptr.to(dev),
+                indices.to(dev),
+                last_len.to(dev),
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                ps,
+                causal=True,
+                **common,
             )
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,9 @@ def find_gguf() -> Path:
         ) from e
     ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not ggufs:
-        raise DefaultModelMissing(f"{PACKAGE} is installed but holds no .gguf file; reinstall: {INSTALL_HINT}")
+        raise DefaultModelMissing(
+            f"{PACKAGE} is installed but holds no .gguf file; reinstall: {INSTALL_HINT}"
+        )
     return Path(dist.locate_file(ggufs[0])).resolve()
 
 
@@ -58,8 +60,11 @@ def default_model_path() -> Path:
     with filelock.FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
-        print(f"[adrenaline] materialising the default model {MODEL_NAME} from {gguf.name} into {target} "
-              "(once; takes ~30 s)", flush=True)
+        print(
+            f"[adrenaline] materialising the default model {MODEL_NAME} from {gguf.name} into {target} "
+            "(once; takes ~30 s)",
+            flush=True,
+        )
         _materialise(gguf, target)
     return target
 

@@ -90,12 +90,13 @@ class LlamaForCausalLM(nn.Module):
         hf = cfg.hf_config
         params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type == "default":
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-            scale = 1.0
-        else:
-            inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
-        return rope_cos_sin_cache(inv_freq, cfg.max_position_embeddings, scale)
+        with torch.device("cpu"):  # also when the model itself is being built on the meta device
+            if rope_type == "default":
+                exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
+                inv_freq, scale = 1.0 / (cfg.rope_theta**exponent), 1.0
+            else:
+                inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+            return rope_cos_sin_cache(inv_freq, cfg.max_position_embeddings, scale)
 
     @torch.inference_mode()
     def forward(

@@ -24,7 +24,9 @@ def _iter_safetensors(path: Path, show_progress: bool) -> Iterator[tuple[str, to
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path} (only safetensors checkpoints are supported)")
-    with tqdm(total=len(files), desc="Loading safetensors shards", unit="shard", disable=not show_progress) as bar:
+    with tqdm(
+        total=len(files), desc="Loading safetensors shards", unit="shard", disable=not show_progress
+    ) as bar:
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():

@@ -33,8 +33,12 @@ class ModelRunner:
         num_pages = self._num_pages()
         self.pool = KVPool(self.model_config, num_pages, self.page_size, self.dtype, self.device)
         mc = self.model_config
-        self.backend = create_backend(config.attention_backend, self.pool, mc.num_heads, mc.num_kv_heads, mc.head_dim)
-        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, self.page_size, self.pool.nbytes() / 2**20)
+        self.backend = create_backend(
+            config.attention_backend, self.pool, mc.num_heads, mc.num_kv_heads, mc.head_dim
+        )
+        logger.info(
+            "KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, self.page_size, self.pool.nbytes() / 2**20
+        )
 
     def _num_pages(self) -> int:
         """Pages from ``max_total_tokens``, else from ``mem_fraction_static`` of the device's memory."""

@@ -30,7 +30,9 @@ class GrammarCompiler:
         import xgrammar as xgr
 
         self.xgr = xgr
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
+        )
         self.compiler = xgr.GrammarCompiler(info)
         self.vocab_size = vocab_size
 

@@ -70,7 +70,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be non-negative, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
             raise ValueError(
-                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
             )
         if sum(x is not None for x in (self.regex, self.json_schema, self.ebnf)) > 1:
             raise ValueError("only one of regex, json_schema and ebnf may be set")

@@ -75,12 +75,17 @@ class Sampler:
             if not p.has_penalties:
                 continue
             if p.repetition_penalty != 1.0:  # HF/SGLang semantics over prompt and output tokens
-                seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long,
-                                    device=logits.device)
+                seen = torch.tensor(
+                    sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long, device=logits.device
+                )
                 vals = logits[i, seen]
-                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                logits[i, seen] = torch.where(
+                    vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+                )
             if r.output_ids and (p.frequency_penalty or p.presence_penalty):  # OpenAI semantics, output only
-                counts = torch.bincount(torch.tensor(r.output_ids, device=logits.device), minlength=self.vocab_size)
+                counts = torch.bincount(
+                    torch.tensor(r.output_ids, device=logits.device), minlength=self.vocab_size
+                )
                 counts = counts[: logits.shape[1]].to(logits.dtype)
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 

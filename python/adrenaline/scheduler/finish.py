@@ -33,7 +33,9 @@ class FinishChecker:
     def _stop_string(self, req: Req) -> str | None:
         """A stop string in the text of the newest tokens (a token is at least one character)."""
         window = max(len(s) for s in req.params.stop) + 1
-        tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=req.params.skip_special_tokens)
+        tail = self.tokenizer.decode(
+            req.output_ids[-window:], skip_special_tokens=req.params.skip_special_tokens
+        )
         for s in req.params.stop:
             if s in tail:
                 return s

@@ -42,7 +42,9 @@ class Scheduler:
         mc = runner.model_config
         self.context_len = mc.context_len
         self.allocator = PageAllocator(runner.pool.num_pages, self.page_size, config.enable_prefix_caching)
-        grammar = GrammarCompiler(tokenizer, mc.vocab_size, mc.eos_token_ids) if tokenizer is not None else None
+        grammar = (
+            GrammarCompiler(tokenizer, mc.vocab_size, mc.eos_token_ids) if tokenizer is not None else None
+        )
         self.grammar = grammar
         self.sampler = Sampler(mc.vocab_size, mc.eos_token_ids, grammar)
         self.finish = FinishChecker(tokenizer, mc.eos_token_ids, self.context_len)
@@ -63,8 +65,14 @@ class Scheduler:
         if any(not 0 <= t < vocab for t in req.input_ids):
             raise ValueError(f"input_ids must be in [0, {vocab})")
         req.params.verify(vocab)
+        if self.grammar is None and (req.params.regex or req.params.json_schema or req.params.ebnf):
+            raise ValueError("structured output needs a tokenizer; this server runs with skip_tokenizer_init")
+        if self.finish.tokenizer is None and req.params.stop:
+            raise ValueError("stop strings need a tokenizer; this server runs with skip_tokenizer_init")
         if req.logprob_start_len >= n:
-            raise ValueError(f"logprob_start_len ({req.logprob_start_len}) must be below the prompt length ({n})")
+            raise ValueError(
+                f"logprob_start_len ({req.logprob_start_len}) must be below the prompt length ({n})"
+            )
 
     def add_request(self, req: Req) -> None:
         self.validate(req)
@@ -117,7 +125,9 @@ class Scheduler:
         limit = req.seq_len - 1  # the last token is always computed: its logits are sampled
         if req.wants_prompt_logprobs:
             limit = min(limit, max(req.logprob_start_len - 1 + len(req.input_logprobs), 0))
-        pages = self.allocator.match_prefix(page_hashes(req.fill_ids, self.page_size, limit // self.page_size))
+        pages = self.allocator.match_prefix(
+            page_hashes(req.fill_ids, self.page_size, limit // self.page_size)
+        )
         req.pages = pages
         req.num_computed = req.cached_tokens = len(pages) * self.page_size
 
