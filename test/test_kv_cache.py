@@ -1,0 +1,82 @@
+"""KV accounting: allocator invariants, the pool is entirely free after finish/abort, retraction."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import random_prompts
+
+from adrenaline import Engine
+from adrenaline.kv_cache.allocator import OutOfPages, PageAllocator, page_hashes
+from adrenaline.sampling.params import SamplingParams
+from adrenaline.scheduler.request import Req
+
+
+def test_allocator_accounting_and_prefix_reuse():
+    a = PageAllocator(num_pages=8, page_size=4)
+    p1 = a.alloc(3)
+    assert a.num_used == 3 and a.num_available == 5
+    tokens = list(range(12))
+    a.publish(p1, page_hashes(tokens, 4))
+    a.free(p1)
+    assert a.num_used == 0 and a.num_available == 8 and a.num_cached == 3
+    hit = a.match_prefix(page_hashes(tokens[:10], 4))  # two full pages match
+    assert hit == p1[:2] and a.num_used == 2
+    with pytest.raises(OutOfPages):
+        a.alloc(7)
+    rest = a.alloc(6)  # evicts the one unreferenced cached page
+    assert a.num_available == 0 and a.num_cached == 2
+    a.free(hit + rest)
+    with pytest.raises(RuntimeError):
+        a.free(rest[:1])
+    assert a.flush() and a.num_cached == 0 and a.num_available == 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+def test_pool_free_after_finish_and_abort(tiny):
+    e = Engine(tiny, dtype="float32", max_total_tokens=1024, page_size=4, skip_tokenizer_init=True)
+    s = e.scheduler
+    prompts = random_prompts(6, 512, [10, 31, 17], seed=4)
+    reqs = [
+        Req(f"r{i}", p, SamplingParams(max_new_tokens=20, ignore_eos=True)) for i, p in enumerate(prompts)
+    ]
+    for r in reqs:
+        s.add_request(r)
+    for _ in range(3):
+        s.step()
+    assert s.allocator.num_used > 0
+    s.abort("r1")
+    s.abort("r4")
+    while s.has_work:
+        s.step()
+    assert [r.finished_reason["type"] for r in reqs] == [
+        "length",
+        "abort",
+        "length",
+        "length",
+        "abort",
+        "length",
+    ]
+    assert s.allocator.num_used == 0
+    assert s.allocator.num_available == s.allocator.num_pages
+
+
+def test_retraction_under_tiny_pool_gives_same_tokens(tiny):
+    prompts = random_prompts(8, 512, [20, 28, 12, 36], seed=5)
+    params = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
+    roomy = Engine(tiny, dtype="float32", max_total_tokens=4096, page_size=4, skip_tokenizer_init=True)
+    tight = Engine(tiny, dtype="float32", max_total_tokens=160, page_size=4, skip_tokenizer_init=True)
+    want = [o["output_ids"] for o in roomy.generate(input_ids=prompts, sampling_params=params)]
+    got = [o["output_ids"] for o in tight.generate(input_ids=prompts, sampling_params=params)]
+    assert got == want
+    assert tight.scheduler.stats.retractions > 0
+    assert tight.scheduler.allocator.num_used == 0
+
+
+def test_prompt_too_long_is_rejected(tiny):
+    e = Engine(tiny, dtype="float32", max_total_tokens=64, page_size=4, skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="at most"):
+        e.generate(input_ids=list(range(2, 100)), sampling_params={"max_new_tokens": 2})
