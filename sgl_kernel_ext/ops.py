@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from sgl_kernel_ext import reference
 
@@ -21,6 +24,18 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, scale: float 
     t = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
     freqs = torch.outer(t, inv_freq.float())
     return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+
+
+@functools.cache
+def cpu_has_low_precision_fma() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; on CPUs without bf16/fp16 FMA, low-precision weights go through float32 GEMMs."""
+    if not x.is_cuda and weight.dtype != torch.float32 and not cpu_has_low_precision_fma():
+        return reference.upcast_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

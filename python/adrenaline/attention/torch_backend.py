@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from adrenaline.attention.base import AttentionBackend, AttentionBatch
+from adrenaline.kv_cache.pool import KVPool
+from sgl_kernel_ext.ops import cpu_has_low_precision_fma
 
 
 def request_slots(pages: list[int], seq_len: int, page_size: int, device: torch.device) -> torch.Tensor:
@@ -19,6 +21,12 @@ def request_slots(pages: list[int], seq_len: int, page_size: int, device: torch.
 
 
 class TorchAttentionBackend(AttentionBackend):
+    def __init__(self, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__(pool, num_heads, num_kv_heads, head_dim)
+        self.upcast = (
+            pool.device.type == "cpu" and pool.dtype != torch.float32 and not cpu_has_low_precision_fma()
+        )
+
     def plan(self, batch: AttentionBatch) -> None:
         dev = self.pool.device
         ps = self.pool.page_size
@@ -39,30 +47,35 @@ class TorchAttentionBackend(AttentionBackend):
                 kv_pos = torch.arange(batch.seq_lens[i], device=dev)
                 mask = kv_pos[None, :] <= (prefix + torch.arange(e, device=dev))[:, None]
             self.prefills.append((starts[i], e, slots, mask))
-        # decode group: (token rows or None when the batch is all decodes, kv slot matrix, mask)
+        # decode group: (token rows or None when the batch is all decodes, page matrix, mask)
         self.decode: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
-        if dec:
+        if dec:  # gather whole pages (contiguous chunks), mask the unused tail of the last one
             lens = [batch.seq_lens[i] for i in dec]
-            width = max(lens)
-            idx = torch.zeros(len(dec), width, dtype=torch.long, device=dev)
+            width = -(-max(lens) // ps)
+            idx = torch.zeros(len(dec), width, dtype=torch.long)
             for row, i in enumerate(dec):
-                idx[row, : lens[row]] = request_slots(batch.page_table[i], lens[row], ps, dev)
-            valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+                pages = batch.page_table[i][: -(-lens[row] // ps)]
+                idx[row, : len(pages)] = torch.tensor(pages)
+            valid = torch.arange(width * ps)[None, :] < torch.tensor(lens)[:, None]
             rows = None if len(dec) == t else torch.tensor([starts[i] for i in dec], device=dev)
-            self.decode = (rows, idx, valid[:, None, None, :])
+            self.decode = (rows, idx.to(dev), valid[:, None, None, :].to(dev))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool) -> torch.Tensor:
-        """q: [B, H, Tq, D]; k/v: [B, Hkv, Tk, D]."""
-        return F.scaled_dot_product_attention(
+        """q: [B, H, Tq, D]; k/v: [B, Hkv, Tk, D]. Low precision runs in float32 on CPUs without its FMA."""
+        dtype = q.dtype
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
         )
+        return o.to(dtype)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.pool.write(layer, self.out_slots, k, v)
         kf, vf = self.pool.flat(layer)
         q = q.to(kf.dtype)
         if self.decode is not None and self.decode[0] is None:
-            return self._decode(q, kf, vf)
+            return self._decode(q, layer)
         out = torch.empty_like(q)
         for start, e, slots, mask in self.prefills:
             qs = q[start : start + e].transpose(0, 1)[None]
@@ -70,10 +83,12 @@ class TorchAttentionBackend(AttentionBackend):
             out[start : start + e] = self._sdpa(qs, ks, vs, mask, mask is None)[0].transpose(0, 1)
         if self.decode is not None:
             rows = self.decode[0]
-            out[rows] = self._decode(q[rows], kf, vf)
+            out[rows] = self._decode(q[rows], layer)
         return out
 
-    def _decode(self, q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         _, idx, mask = self.decode
-        ks, vs = kf[idx].transpose(1, 2), vf[idx].transpose(1, 2)  # [B, Hkv, W, D]
+        b = idx.shape[0]
+        ks = self.pool.k[layer][idx].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vs = self.pool.v[layer][idx].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return self._sdpa(q[:, :, None, :], ks, vs, mask, False)[:, :, 0, :]

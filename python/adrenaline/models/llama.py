@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from adrenaline.model_config import ModelConfig
-from sgl_kernel_ext import apply_rope, fused_add_rms_norm, rms_norm, rope_cos_sin_cache, silu_and_mul
+from sgl_kernel_ext import apply_rope, fused_add_rms_norm, linear, rms_norm, rope_cos_sin_cache, silu_and_mul
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,13 +52,15 @@ class DecoderLayer(nn.Module):
         attention: AttentionFn,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
-        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = linear(h, self.qkv_proj.weight, self.qkv_proj.bias).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        )
         t = q.shape[0]
         q, k = apply_rope(q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd), positions, cos_sin)
         o = attention(self.layer_id, q, k, v.view(t, self.nkv, self.hd))
-        h = self.o_proj(o.reshape(t, self.q_size).to(x.dtype))
+        h = linear(o.reshape(t, self.q_size).to(x.dtype), self.o_proj.weight)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.down_proj(silu_and_mul(self.gate_up_proj(h))), residual
+        return linear(silu_and_mul(linear(h, self.gate_up_proj.weight)), self.down_proj.weight), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         if logits_rows is not None:
             x = x[logits_rows]
-        return self.lm_head(x).float()
+        return linear(x, self.lm_head.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
