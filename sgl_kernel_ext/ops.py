@@ -26,6 +26,9 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, scale: float 
     return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
 
 
+CHUNK_ROWS = 4096  # weight rows upcast at a time: a chunk stays in cache
+
+
 @functools.cache
 def cpu_has_low_precision_fma() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -34,7 +37,7 @@ def cpu_has_low_precision_fma() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``; on CPUs without bf16/fp16 FMA, low-precision weights go through float32 GEMMs."""
     if not x.is_cuda and weight.dtype != torch.float32 and not cpu_has_low_precision_fma():
-        return reference.upcast_linear(x, weight, bias)
+        return reference.chunked_linear(x, weight, bias, CHUNK_ROWS)
     return F.linear(x, weight, bias)
 
 

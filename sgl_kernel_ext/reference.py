@@ -21,12 +21,12 @@ def fused_add_rms_norm(
     return rms_norm(residual, weight, eps), residual
 
 
-def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int = 4096):
-    """``F.linear`` computed in float32 from low-precision weights, ``chunk`` output rows at a time.
+def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int = 4096):
+    """``F.linear`` in float32 from low-precision weights, upcasting ``chunk`` rows at a time.
 
     For CPUs without bf16/fp16 FMA (AVX2), whose native low-precision GEMMs run ~5x slower than
-    float32 ones: each weight chunk is upcast while it is still in cache. Accumulation in float32
-    is at least as accurate as the native kernel; the result is cast back to ``x``'s dtype.
+    float32 ones; each chunk is upcast while it is in cache, and float32 accumulation is at least
+    as accurate. Returns ``x``'s dtype.
     """
     xf = x.float()
     outs = [F.linear(xf, w.float()) for w in weight.split(chunk)]
