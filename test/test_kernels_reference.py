@@ -35,3 +35,13 @@ def test_rope_matches_hf():
 def test_silu_and_mul():
     x = torch.randn(5, 12)
     assert torch.allclose(silu_and_mul(x), torch.nn.functional.silu(x[:, :6]) * x[:, 6:])
+
+
+def test_chunked_linear_equals_float32_gemm_of_the_same_weights():
+    from sgl_kernel_ext.reference import chunked_linear
+
+    x, w, b = torch.randn(5, 32), torch.randn(70, 32).bfloat16(), torch.randn(70).bfloat16()
+    got = chunked_linear(x.bfloat16(), w, b, chunk=16)
+    want = torch.nn.functional.linear(x.bfloat16().float(), w.float(), b.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 70)
+    assert torch.allclose(got.float(), want, atol=1e-2, rtol=1e-2)
