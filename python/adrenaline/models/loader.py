@@ -24,14 +24,16 @@ def _iter_safetensors(path: Path, show_progress: bool) -> Iterator[tuple[str, to
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path} (only safetensors checkpoints are supported)")
-    with tqdm(
-        total=len(files), desc="Loading safetensors shards", unit="shard", disable=not show_progress
-    ) as bar:
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            total += len(st.keys())
+    with tqdm(total=total, desc=f"Loading {path.name}", unit="tensor", disable=not show_progress) as bar:
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
                     yield name, st.get_tensor(name)
-            bar.update(1)
+                    bar.update(1)
 
 
 def load_model(
