@@ -38,34 +38,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         last_len = torch.tensor(
             [s - (n - 1) * ps for s, n in zip(batch.seq_lens, pages_used)], dtype=torch.int32
         )
+        paged = (kv_indptr.to(dev), indices.to(dev), last_len.to(dev))
+        dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         common = dict(q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype, sm_scale=self.scale)
         self.out_slots = batch.out_slots
         self.is_decode = batch.is_decode
         if self.is_decode:
-            self._decode.plan(
-                kv_indptr.to(dev),
-                indices.to(dev),
-                last_len.to(dev),
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                ps,
-                **common,
-            )
+            self._decode.plan(*paged, *dims, **common)
         else:
             qo_indptr = torch.tensor([0, *batch.extend_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            self._prefill.plan(
-                qo_indptr.to(dev),
-                kv_indptr.to(dev),
-                indices.to(dev),
-                last_len.to(dev),
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                ps,
-                causal=True,
-                **common,
-            )
+            self._prefill.plan(qo_indptr.to(dev), *paged, *dims, causal=True, **common)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.pool.write(layer, self.out_slots, k, v)
