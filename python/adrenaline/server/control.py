@@ -75,7 +75,14 @@ SETTABLE = {"max_running_requests": int, "chunked_prefill_size": int}
 
 
 def unsupported_message(feature: str) -> str:
-    return f"{feature} is not supported by the Adrenaline scheduler"
+    return f"not supported by the Adrenaline scheduler: {feature}"
+
+
+def find_parameter(model, name: str):
+    """A parameter by our name or SGLang's (``model.layers.0.self_attn.qkv_proj.weight``)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    ours = name.removeprefix("model.").replace(".self_attn.", ".").replace(".mlp.", ".")
+    return params.get(name, params.get(ours))
 
 
 def failure_reply(reply_cls: type, message: str, **fields: Any) -> Any:
@@ -217,13 +224,10 @@ class ControlHandler:
         self.reply(io.SetInternalStateReqOutput(updated=ok), msg)
 
     def _on_GetWeightsByNameReqInput(self, msg: io.GetWeightsByNameReqInput) -> None:
-        params = dict(self.model.named_parameters()) if self.model is not None else {}
-        p = params.get(msg.name)
+        p = find_parameter(self.model, msg.name) if self.model is not None else None
         if p is None:
             logger.warning("get_weights_by_name: no parameter %r", msg.name)
-            value = None
-        else:
-            value = p.detach().float().flatten()[: msg.truncate_size].tolist()
+        value = None if p is None else p.detach().float()[: msg.truncate_size].tolist()
         self.reply(io.GetWeightsByNameReqOutput(parameter=value), msg)
 
     def _on_GetHiCacheL3LayoutReq(self, msg: io.GetHiCacheL3LayoutReq) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
@@ -206,6 +207,8 @@ def run_scheduler_process(
     faulthandler.enable()
     _configure_logging(server_args.log_level)
     parent = psutil.Process().parent()
+    # SIGTERM to the whole process group (not just the server) must still unlink our files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         proc = SchedulerProcess(server_args, port_args)
     except Exception as e:
