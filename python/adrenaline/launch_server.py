@@ -17,8 +17,15 @@ from adrenaline.server.args import unsupported_flags
 PROG = "python -m adrenaline.launch_server"
 
 
+class _Parser(argparse.ArgumentParser):
+    """SGLang's parser has ~500 flags: on a bad one, print the error, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Serve a model with SGLang's HTTP API (native, OpenAI) on Adrenaline's scheduler.",
     )
