@@ -10,7 +10,7 @@ from adrenaline.config import EngineConfig
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.sampling.params import SamplingParams
-from adrenaline.scheduler.request import Req
+from adrenaline.scheduler.request import Req, finish_abort
 from adrenaline.scheduler.scheduler import Scheduler
 
 
@@ -101,4 +101,4 @@ class Engine:
         return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
 
     def shutdown(self) -> None:
-        self.scheduler.abort(None, "engine shut down")
+        self.scheduler.abort(None, finish_abort("engine shut down", 503))

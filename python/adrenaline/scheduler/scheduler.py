@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,11 +89,12 @@ class Scheduler:
             return
         self.waiting.append(req)
 
-    def abort(self, rid: str | None = None, message: str = "aborted by request") -> list[Req]:
-        """Abort one request (or all when rid is None); returns the aborted requests."""
+    def abort(self, rid: str | None = None, reason: dict[str, Any] | None = None) -> list[Req]:
+        """Abort one request (all when rid is None), ending it with ``reason`` (SGLang's format)."""
+        reason = reason or finish_abort("aborted by request", 400)
         hit = [r for r in [*self.running, *self.waiting] if rid is None or r.rid == rid]
         for r in hit:
-            r.finished_reason = finish_abort(message, 400)
+            r.finished_reason = dict(reason)
             self._release(r)
         self.running = [r for r in self.running if not r.finished]
         self.waiting = deque(r for r in self.waiting if not r.finished)

@@ -177,8 +177,7 @@ class ControlHandler:
         if rids:
             logger.info("abort %s: %d request(s)", "all" if msg.abort_all else repr(msg.rid), len(rids))
         for rid in rids:
-            for req in s.abort(rid, reason["message"]):
-                req.finished_reason = dict(reason)
+            for req in s.abort(rid, reason):
                 self.emit(req)
 
     def _on_FlushCacheReqInput(self, msg: io.FlushCacheReqInput) -> None:

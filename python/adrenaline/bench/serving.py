@@ -1,0 +1,146 @@
+"""Serving benchmark: start ``python -m adrenaline.launch_server`` and drive it with SGLang's own
+client, ``python -m sglang.benchmark.serving --backend sglang --dataset-name random-ids``.
+
+    python -m adrenaline.bench.serving --num-prompts 32 --input-len 128 --output-len 128 \\
+        --max-concurrency 16 -- --dtype bfloat16
+
+Arguments after ``--`` go to the server. Prints one line of figures and, with ``--output``,
+appends SGLang's JSON result there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+
+from adrenaline.models.default_model import resolve_model_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(extra: list[str], port: int, timeout: float = 300):
+    """A launch_server subprocess, up (``/health`` answers) inside the block, stopped after it."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "adrenaline.launch_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} during startup")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("server did not come up") from None
+                time.sleep(1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_client(port: int, tokenizer: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.jsonl")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sglang.benchmark.serving",
+                "--backend",
+                "sglang",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dataset-name",
+                "random-ids",
+                "--tokenizer",
+                tokenizer,
+                "--num-prompts",
+                str(args.num_prompts),
+                "--random-input-len",
+                str(args.input_len),
+                "--random-output-len",
+                str(args.output_len),
+                "--random-range-ratio",
+                "1",
+                "--max-concurrency",
+                str(args.max_concurrency),
+                "--output-file",
+                out,
+            ],
+            check=True,
+        )
+        with open(out) as f:
+            return json.loads(f.read().splitlines()[-1])
+
+
+FIELDS = [
+    "request_throughput",
+    "output_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+    "median_itl_ms",
+    "p99_itl_ms",
+]
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    server_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-concurrency", type=int, default=16)
+    ap.add_argument("--output", default=None, help="append SGLang's JSON result to this file")
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    model = resolve_model_path(None)
+    if "--model-path" in server_args:
+        model = server_args[server_args.index("--model-path") + 1]
+    port = free_port()
+    with server(server_args, port):
+        result = run_client(port, model, args)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    print(
+        f"server args: {' '.join(server_args) or '(defaults)'}; {args.num_prompts} prompts, "
+        f"in {args.input_len} / out {args.output_len}, concurrency {args.max_concurrency}"
+    )
+    print(" | ".join(f"{k} {result[k]:.2f}" for k in FIELDS if k in result))
+
+
+if __name__ == "__main__":
+    main()
