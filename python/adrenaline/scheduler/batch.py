@@ -33,10 +33,6 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # rows of the flat batch whose logits are computed, in item order
     num_local: int | None = None  # leading items whose attention runs here (None: all)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
     @classmethod
     def build(cls, items: list[ScheduledReq], page_size: int, device: torch.device) -> ForwardBatch:
         ids: list[int] = []
