@@ -32,9 +32,10 @@ class SampleOutput:
     top_logprobs: list[list[tuple[float, int]] | None]
 
 
-def top_logprobs_of(logprobs: torch.Tensor, k: int) -> list[tuple[float, int]]:
-    vals, idx = logprobs.topk(k)
-    return list(zip(vals.tolist(), idx.tolist()))
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
+    """Per row of [N, V] logprobs, its ``k`` best (logprob, token id) pairs, SGLang's format."""
+    vals, idx = logprobs.topk(k, dim=-1)
+    return [list(zip(v, i)) for v, i in zip(vals.tolist(), idx.tolist())]
 
 
 class Sampler:
@@ -66,7 +67,7 @@ class Sampler:
                 if r.want_logprob:
                     logprobs[i] = raw_logprobs[i, tokens[i]].item()
                 if r.top_logprobs_num:
-                    tops[i] = top_logprobs_of(raw_logprobs[i], r.top_logprobs_num)
+                    tops[i] = top_logprobs(raw_logprobs[i : i + 1], r.top_logprobs_num)[0]
         return SampleOutput(tokens, logprobs, tops)
 
     def _penalise(self, logits: torch.Tensor, rows: list[SampleRow]) -> None:

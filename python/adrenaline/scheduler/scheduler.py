@@ -20,7 +20,7 @@ from adrenaline.config import EngineConfig
 from adrenaline.kv_cache.allocator import PageAllocator, page_hashes
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.sampling.grammar import GrammarCompiler
-from adrenaline.sampling.sampler import Sampler
+from adrenaline.sampling.sampler import Sampler, top_logprobs
 from adrenaline.scheduler.batch import ForwardBatch, ScheduledReq
 from adrenaline.scheduler.finish import FinishChecker
 from adrenaline.scheduler.request import Req, finish_abort, finish_length
@@ -200,7 +200,7 @@ class Scheduler:
         sample_rows, sample_reqs = [], []
         for it in items:
             req = it.req
-            it.req.num_computed = it.end
+            req.num_computed = it.end
             if it.start < len(req.input_ids):
                 self.stats.prompt_tokens_computed += min(it.end, len(req.input_ids)) - it.start
             if it.prompt_rows:
@@ -235,10 +235,8 @@ class Scheduler:
         first = req.logprob_start_len - 1 + len(req.input_logprobs)  # position scoring the next token
         targets = torch.tensor(req.input_ids[first + 1 : first + 1 + lp.shape[0]], device=lp.device)
         req.input_logprobs.extend(lp.gather(1, targets[:, None])[:, 0].tolist())
-        k = req.top_logprobs_num
-        if k:
-            vals, idx = lp.topk(k, dim=-1)
-            req.input_top_logprobs.extend(list(zip(v, i)) for v, i in zip(vals.tolist(), idx.tolist()))
+        if req.top_logprobs_num:
+            req.input_top_logprobs.extend(top_logprobs(lp, req.top_logprobs_num))
         else:
             req.input_top_logprobs.extend([None] * lp.shape[0])
 
