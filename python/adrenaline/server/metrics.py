@@ -8,9 +8,7 @@ is tied to its own scheduler's internals; we publish the same names for the numb
 
 from __future__ import annotations
 
-import time
-
-from adrenaline.server.state import SchedulerState
+from adrenaline.server.state import SchedulerState, Throttle
 
 
 class SchedulerMetrics:
@@ -18,7 +16,7 @@ class SchedulerMetrics:
         from prometheus_client import Counter, Gauge  # after PROMETHEUS_MULTIPROC_DIR is set
 
         self.state = state
-        self.interval_s = interval_s
+        self.throttle = Throttle(interval_s)
         self.labels = {"model_name": model_name, "engine_type": "adrenaline"}
         names = list(self.labels)
 
@@ -38,13 +36,10 @@ class SchedulerMetrics:
             "adrenaline:retractions", "Requests retracted for lack of KV pages.", labelnames=names
         ).labels(**self.labels)
         self._counted = (0, 0)
-        self._last = 0.0
 
     def maybe_log(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < self.interval_s:
+        if not self.throttle.due(force):
             return
-        self._last = now
         s = self.state.scheduler
         kv = self.state.kv()
         self.num_running_reqs.set(len(s.running))

@@ -19,6 +19,21 @@ logger = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 10.0
 
 
+class Throttle:
+    """Lets periodic housekeeping through at most once per ``interval_s`` (always when forced)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def due(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return False
+        self._last = now
+        return True
+
+
 class ThroughputMeter:
     """Generated tokens per second over the last ``THROUGHPUT_WINDOW_S`` seconds."""
 
@@ -126,16 +141,13 @@ class LoadPublisher:
         from sglang.srt.managers.load_snapshot import ShmLoadSnapshotWriter, shm_path_for
 
         self.state = state
-        self.interval_s = interval_s
+        self.throttle = Throttle(interval_s)
         self.path = shm_path_for(port_args.instance_id)
         self.writer = ShmLoadSnapshotWriter(self.path, dp_size=1, dp_rank=0)
-        self._last = 0.0
 
     def maybe_publish(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < self.interval_s:
+        if not self.throttle.due(force):
             return
-        self._last = now
         try:
             self.writer.write(self.state.load_snapshot())
         except Exception as e:  # a stale /v1/loads must never stop serving
