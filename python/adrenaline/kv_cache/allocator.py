@@ -73,6 +73,13 @@ class PageAllocator:
             pages.append(p)
         return pages
 
+    def retain(self, pages: Sequence[int]) -> None:
+        """Take one more reference on held pages (a KV transfer keeps them past their request)."""
+        for p in pages:
+            if self._refs[p] <= 0:
+                raise RuntimeError(f"retain of free page {p}")
+            self._refs[p] += 1
+
     def free(self, pages: Sequence[int]) -> None:
         for p in pages:
             if self._refs[p] <= 0:

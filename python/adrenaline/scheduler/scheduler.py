@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.stats = SchedulerStats()
+        # Called after each forward with its items: their KV for [start, end) is in the pool.
+        self.on_forward: Callable[[list[ScheduledReq]], None] | None = None
 
     # ---- requests in and out ------------------------------------------------------------------
     def validate(self, req: Req) -> None:
@@ -75,7 +78,8 @@ class Scheduler:
                 f"logprob_start_len ({req.logprob_start_len}) must be below the prompt length ({n})"
             )
 
-    def add_request(self, req: Req) -> None:
+    def prepare(self, req: Req) -> None:
+        """Validate and set up sampling state, without queueing (PD decode queues it itself)."""
         self.validate(req)
         if self.grammar is not None:
             req.grammar = self.grammar.compile(req.params)
@@ -84,6 +88,9 @@ class Scheduler:
         if req.wants_prompt_logprobs and req.logprob_start_len == 0:
             req.input_logprobs.append(None)  # the first token has no score
             req.input_top_logprobs.append(None)
+
+    def add_request(self, req: Req) -> None:
+        self.prepare(req)
         if req.params.max_new_tokens == 0 and not req.wants_prompt_logprobs:
             req.finished_reason = finish_length(0)
             return
@@ -99,6 +106,19 @@ class Scheduler:
         self.running = [r for r in self.running if not r.finished]
         self.waiting = deque(r for r in self.waiting if not r.finished)
         return hit
+
+    def admit_prefilled(self, req: Req, token: int, logprob: float | None, top) -> None:
+        """Start decoding a prepared request whose prompt KV another instance computed into
+        ``req.pages``; ``token`` is its first output token, sampled there."""
+        req.num_computed = len(req.input_ids)
+        self._append_token(req, token, logprob, top)
+        if req.finished:
+            self._release(req)
+        else:
+            self.running.append(req)
+
+    def requests(self) -> list[Req]:
+        return [*self.running, *self.waiting]
 
     @property
     def has_work(self) -> bool:
@@ -192,6 +212,8 @@ class Scheduler:
         batch = ForwardBatch.build(items, self.page_size, self.runner.device)
         logits = self.runner.forward(batch)
         self.stats.forward_passes += 1
+        if self.on_forward is not None:
+            self.on_forward(items)
         return done_early + self.process(items, logits)
 
     def process(self, items: list[ScheduledReq], logits: torch.Tensor) -> list[Req]:

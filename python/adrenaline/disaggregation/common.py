@@ -1,0 +1,145 @@
+"""What both PD roles share: bootstrap fields, the KV layout check, page packing, statistics."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from adrenaline.kv_cache.pool import KVPool
+from adrenaline.scheduler.request import Req
+from adrenaline.scheduler.scheduler import Scheduler
+from adrenaline.transport.base import Message, Transport
+
+# SGLang's FAKE_BOOTSTRAP_HOST: warmup and health requests carry it and are served locally.
+FAKE_BOOTSTRAP_HOST = "2.2.2.2"
+
+# Message kinds of the KV handshake (decode -> prefill: REQUEST, ACK; prefill -> decode: PAGES,
+# DONE; either way: CANCEL).
+KV_REQUEST, KV_PAGES, KV_DONE, KV_ACK, KV_CANCEL = "kv_request", "kv_pages", "kv_done", "kv_ack", "kv_cancel"
+
+
+def bootstrap_of(req: Req) -> tuple[str, int, int] | None:
+    """(host, port, room) of a request routed for PD; None for one to serve locally.
+
+    ValueError (HTTP 400) when the fields are missing or malformed: a PD instance only takes
+    requests that SGLang's router prepared.
+    """
+    host, port, room = req.extra.get("bootstrap", (None, None, None))
+    if host == FAKE_BOOTSTRAP_HOST:
+        return None
+    if host is None or port is None or room is None:
+        raise ValueError(
+            "this is a PD instance: requests need bootstrap_host, bootstrap_port and bootstrap_room "
+            "(send them through SGLang's router in PD mode)"
+        )
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"bootstrap_host must be a host name, got {host!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError(f"bootstrap_port must be an integer port in 1..65535, got {port!r}")
+    if not isinstance(room, int) or isinstance(room, bool) or not 0 <= room < 2**64:
+        raise ValueError(f"bootstrap_room must be an integer in [0, 2**64), got {room!r}")
+    return host, port, room
+
+
+def kv_layout(pool: KVPool) -> dict[str, Any]:
+    """What must agree between the two pools for pages to be copied as they are."""
+    return {
+        "num_layers": len(pool.k),
+        "page_size": pool.page_size,
+        "kv_heads": pool.k[0].shape[2],
+        "head_dim": pool.k[0].shape[3],
+        "dtype": str(pool.dtype).removeprefix("torch."),
+    }
+
+
+def num_pages(tokens: int, page_size: int) -> int:
+    return math.ceil(tokens / page_size)
+
+
+def gather_pages(pool: KVPool, pages: list[int]) -> torch.Tensor:
+    """K and V of ``pages`` for every layer, packed as one [layers, 2, n, page, heads, dim] tensor."""
+    idx = torch.tensor(pages, dtype=torch.long, device=pool.device)
+    return torch.stack([torch.stack([k[idx], v[idx]]) for k, v in zip(pool.k, pool.v)])
+
+
+def scatter_pages(pool: KVPool, pages: list[int], data: torch.Tensor) -> None:
+    """Write a ``gather_pages`` tensor into ``pages`` of this pool."""
+    idx = torch.tensor(pages, dtype=torch.long, device=pool.device)
+    data = data.to(pool.device)
+    for layer, (k, v) in enumerate(zip(pool.k, pool.v)):
+        k[idx] = data[layer, 0]
+        v[idx] = data[layer, 1]
+
+
+@dataclass
+class TransferStats:
+    transfers: int = 0  # requests whose KV crossed successfully
+    failures: int = 0  # requests ended by a timeout, a cancel or a dead peer
+    pages: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class TransferManager(ABC):
+    """One PD role's side of the KV handshake, driven by the scheduler loop.
+
+    The loop hands it routed requests (``add``), lets it drain its transport every iteration
+    (``tick``) and reports the requests it ``emit``\\s; aborts reach it through ``abort``.
+    """
+
+    role: str
+
+    def __init__(
+        self, scheduler: Scheduler, transport: Transport, timeout_s: float, emit: Callable[[Req], None]
+    ) -> None:
+        self.scheduler = scheduler
+        self.pool = scheduler.runner.pool
+        self.page_size = scheduler.page_size
+        self.layout = kv_layout(self.pool)
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.emit = emit
+        self.stats = TransferStats()
+
+    @abstractmethod
+    def add(self, req: Req) -> None:
+        """Admit a request from the front end (ValueError: the client's mistake)."""
+
+    @abstractmethod
+    def requests(self) -> list[Req]:
+        """Requests this manager holds (some may also be in the scheduler)."""
+
+    @abstractmethod
+    def abort(self, rid: str, reason: dict) -> list[Req]: ...
+
+    @abstractmethod
+    def handle(self, msg: Message) -> None: ...
+
+    @abstractmethod
+    def expire(self) -> None:
+        """End what waited on a peer for longer than ``timeout_s``."""
+
+    def tick(self) -> None:
+        while (msg := self.transport.poll(0)) is not None:
+            self.handle(msg)
+        self.expire()
+
+    def info(self) -> dict[str, Any]:
+        ts = self.transport.stats
+        return {
+            "role": self.role,
+            "transport": type(self.transport).__name__,
+            "address": self.transport.address,
+            "peers": self.transport.peers(),
+            "timeout_s": self.timeout_s,
+            "in_flight": len(self.requests()),
+            **self.stats.as_dict(),
+            "bytes_sent": ts.bytes_sent,
+            "bytes_received": ts.bytes_received,
+        }

@@ -1,0 +1,183 @@
+"""Decode side of PD: pre-allocate a routed request's KV pages, receive them and its first token
+from the prefill instance, then decode it like any other request.
+
+Admission is FIFO under the running cap and the free pages. The prefill instance is found through
+its bootstrap server (cached per bootstrap address) and told which pages to fill. A request whose
+KV does not arrive within ``timeout_s`` ends with HTTP 504 and frees its pages; the cached
+address of that prefill instance is dropped, so a restarted one is found again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from adrenaline.disaggregation.bootstrap import lookup_prefill
+from adrenaline.disaggregation.common import (
+    KV_ACK,
+    KV_CANCEL,
+    KV_DONE,
+    KV_PAGES,
+    KV_REQUEST,
+    TransferManager,
+    bootstrap_of,
+    num_pages,
+    scatter_pages,
+)
+from adrenaline.scheduler.request import Req, finish_abort, finish_length
+from adrenaline.scheduler.scheduler import Scheduler
+from adrenaline.transport.base import Message, Transport, TransportError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inbound:
+    req: Req
+    room: int
+    bootstrap: tuple[str, int]
+    deadline: float
+    peer: str | None = None  # the prefill instance's transport address
+    pages: list[int] = field(default_factory=list)
+    received: int = 0  # pages written so far
+
+
+class DecodeTransfers(TransferManager):
+    role = "decode"
+
+    def __init__(
+        self, scheduler: Scheduler, transport: Transport, timeout_s: float, emit: Callable[[Req], None]
+    ) -> None:
+        super().__init__(scheduler, transport, timeout_s, emit)
+        self.pending: deque[Inbound] = deque()  # waiting for pages here
+        self.inflight: dict[int, Inbound] = {}  # asked the prefill side, KV on its way
+        self.addresses: dict[tuple[str, int], str] = {}
+
+    # ---- requests from the front end ----------------------------------------------------------
+    def add(self, req: Req) -> None:
+        boot = bootstrap_of(req)
+        if boot is None:
+            self.scheduler.add_request(req)
+            return
+        host, port, room = boot
+        if room in self.inflight or any(t.room == room for t in self.pending):
+            raise ValueError(f"bootstrap_room {room} is already in use on this decode instance")
+        self.scheduler.prepare(req)
+        # Prompt logprobs are the prefill instance's: SGLang's router merges them into the reply.
+        req.logprob_start_len = -1
+        if req.params.max_new_tokens == 0:
+            req.finished_reason = finish_length(0)
+            self.emit(req)
+            return
+        self.pending.append(Inbound(req, room, (host, port), time.monotonic() + self.timeout_s))
+
+    def requests(self) -> list[Req]:
+        return [t.req for t in [*self.pending, *self.inflight.values()]]
+
+    def abort(self, rid: str, reason: dict) -> list[Req]:
+        hit = [t for t in [*self.pending, *self.inflight.values()] if t.req.rid == rid]
+        for t in hit:
+            self._end(t, reason, tell_peer=f"aborted on the decode instance: {reason.get('message')}")
+        return [t.req for t in hit]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.inflight)
+
+    def tick(self) -> None:
+        super().tick()
+        self.admit()
+
+    # ---- admission ----------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Allocate pages and ask the prefill side, oldest first, while room remains."""
+        s = self.scheduler
+        while self.pending and len(s.running) + len(self.inflight) < s.config.max_running_requests:
+            t = self.pending[0]
+            need = num_pages(len(t.req.input_ids), self.page_size)
+            if need > s.allocator.num_available:
+                return
+            self.pending.popleft()
+            try:
+                t.peer = self._address(t.bootstrap)
+            except OSError as e:
+                self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
+                continue
+            t.pages = s.allocator.alloc(need)
+            t.deadline = time.monotonic() + self.timeout_s
+            self.inflight[t.room] = t
+            meta = {"room": t.room, "rid": t.req.rid, "pages": t.pages, "layout": self.layout}
+            try:
+                self.transport.send(t.peer, KV_REQUEST, meta)
+            except TransportError as e:
+                self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
+
+    def _address(self, bootstrap: tuple[str, int]) -> str:
+        addr = self.addresses.get(bootstrap)
+        if addr is None:
+            addr = self.addresses[bootstrap] = lookup_prefill(*bootstrap)
+        return addr
+
+    # ---- messages from prefill instances ------------------------------------------------------
+    def handle(self, msg: Message) -> None:
+        t = self.inflight.get(msg.meta.get("room"))
+        if t is None or t.peer != msg.peer:
+            logger.debug("%s for unknown bootstrap room from %s dropped", msg.kind, msg.peer)
+            return
+        t.deadline = time.monotonic() + self.timeout_s  # the peer is alive
+        if msg.kind == KV_PAGES:
+            first, data = msg.meta["first"], msg.tensors[0]
+            scatter_pages(self.pool, t.pages[first : first + data.shape[2]], data)
+            t.received = max(t.received, first + data.shape[2])
+        elif msg.kind == KV_DONE:
+            if t.received < len(t.pages):
+                text = f"prefill finished with {t.received} of {len(t.pages)} KV pages sent"
+                self._fail(t, finish_abort(text, 500), tell_peer=text)
+                return
+            del self.inflight[t.room]
+            self.transport.send(t.peer, KV_ACK, {"room": t.room})
+            self.stats.transfers += 1
+            self.stats.pages += len(t.pages)
+            t.req.pages = t.pages
+            top = [tuple(x) for x in msg.meta["top"]] if msg.meta.get("top") else msg.meta.get("top")
+            self.scheduler.admit_prefilled(t.req, msg.meta["token"], msg.meta.get("logprob"), top)
+            self.emit(t.req)
+        elif msg.kind == KV_CANCEL:
+            self._fail(t, finish_abort(f"prefill instance: {msg.meta.get('message')}", 502))
+
+    # ---- endings ------------------------------------------------------------------------------
+    def _fail(self, t: Inbound, reason: dict, tell_peer: str | None = None) -> None:
+        self._end(t, reason, tell_peer)
+        self.stats.failures += 1
+        self.emit(t.req)
+
+    def _end(self, t: Inbound, reason: dict, tell_peer: str | None = None) -> None:
+        """Forget a transfer, free its pages, finish its request with ``reason``."""
+        if t in self.pending:
+            self.pending.remove(t)
+        self.inflight.pop(t.room, None)
+        if t.pages:
+            self.scheduler.allocator.free(t.pages)
+            t.pages = []
+        if tell_peer and t.peer is not None:
+            try:
+                self.transport.send(t.peer, KV_CANCEL, {"room": t.room, "message": tell_peer})
+            except TransportError:
+                pass
+        t.req.finished_reason = dict(reason)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for t in [t for t in [*self.pending, *self.inflight.values()] if t.deadline < now]:
+            host, port = t.bootstrap
+            if t.peer is None:
+                text = f"no KV cache room on this decode instance within {self.timeout_s:g} s"
+                self._fail(t, finish_abort(text, 503))
+                continue
+            text = f"no KV from the prefill instance (bootstrap {host}:{port}) within {self.timeout_s:g} s"
+            logger.warning("%s: request %s failed", text, t.req.rid)
+            self.addresses.pop(t.bootstrap, None)  # it may come back at a new address
+            self._fail(t, finish_abort(text, 504), tell_peer=text)

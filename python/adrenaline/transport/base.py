@@ -1,0 +1,89 @@
+"""The transport interface shared by PD KV transfer and the per-layer attention exchange.
+
+A transport is one endpoint with an address peers can reach. Messages carry a kind, a small
+metadata dict and a list of tensors. There is no fixed world: peers are connected lazily on first
+send and dropped with ``disconnect``, so a dead peer costs its own requests a timeout and nothing
+more.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class TransportError(RuntimeError):
+    """A message could not be sent or received."""
+
+
+class PeerTimeout(TransportError):
+    """No matching message arrived in time: the peer is dead, slow or gone."""
+
+
+@dataclass
+class Message:
+    peer: str  # the sender's address: reply to it
+    kind: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class TransportStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+
+class Transport(ABC):
+    address: str  # where peers reach this endpoint
+
+    def __init__(self) -> None:
+        self.stats = TransportStats()
+        self._stash: deque[Message] = deque()  # received while waiting for something else
+
+    @abstractmethod
+    def send(
+        self, peer: str, kind: str, meta: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()
+    ) -> int:
+        """Queue a message to ``peer`` without waiting for it; returns the tensor bytes sent."""
+
+    @abstractmethod
+    def _receive(self, timeout_s: float) -> Message | None:
+        """The next message from the wire, or None after ``timeout_s``."""
+
+    @abstractmethod
+    def disconnect(self, peer: str) -> None:
+        """Drop the connection to ``peer`` and anything still queued for it."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def poll(self, timeout_s: float = 0.0) -> Message | None:
+        """The next message from any peer (stashed ones first), or None after ``timeout_s``."""
+        if self._stash:
+            return self._stash.popleft()
+        return self._receive(timeout_s)
+
+    def recv(self, match: Callable[[Message], bool], timeout_s: float) -> Message:
+        """Wait for the first message ``match`` accepts; others are kept for ``poll``."""
+        for i, msg in enumerate(self._stash):
+            if match(msg):
+                del self._stash[i]
+                return msg
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            msg = self._receive(max(left, 0.0))
+            if msg is None:
+                raise PeerTimeout(f"no reply within {timeout_s:.1f} s")
+            if match(msg):
+                return msg
+            self._stash.append(msg)

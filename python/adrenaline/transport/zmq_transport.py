@@ -1,0 +1,118 @@
+"""Host-memory transport over ZeroMQ TCP: the CPU data plane, and the metadata path of the GPU one.
+
+Each endpoint binds one ROUTER socket (everything it receives) and opens one DEALER per peer it
+sends to, whose identity is this endpoint's address, so receivers know whom to answer. A frame
+list is ``[header, *tensor bytes]``; the header (msgpack) holds kind, metadata and each tensor's
+dtype and shape. Device tensors are staged through host memory.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import torch
+import zmq
+
+from adrenaline.transport.base import Message, Transport, TransportError
+
+SEND_HWM = 1024  # messages queued per peer before send() reports the peer as stuck
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _to_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().view(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _from_bytes(buf: memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    out.view(-1).view(torch.uint8).numpy()[:] = buf
+    return out
+
+
+def reachable_host(host: str) -> str:
+    """An address peers can dial for a server bound to ``host`` (0.0.0.0 -> this machine's IP)."""
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return "127.0.0.1" if host == "localhost" else host
+
+
+class ZmqTransport(Transport):
+    def __init__(self, bind_host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
+        super().__init__()
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer reuses its address
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port(f"tcp://{'*' if bind_host in ('0.0.0.0', '') else bind_host}")
+        self.address = f"tcp://{advertise_host or reachable_host(bind_host)}:{port}"
+        self._peers: dict[str, zmq.Socket] = {}
+
+    @property
+    def pollable(self) -> zmq.Socket:
+        """What a ``zmq.Poller`` waits on for incoming messages."""
+        return self.socket
+
+    def _dealer(self, peer: str) -> zmq.Socket:
+        sock = self._peers.get(peer)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, self.address.encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            sock.connect(peer)
+            self._peers[peer] = sock
+        return sock
+
+    def send(
+        self, peer: str, kind: str, meta: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()
+    ) -> int:
+        header = {
+            "kind": kind,
+            "meta": meta or {},
+            "tensors": [(_dtype_name(t.dtype), list(t.shape)) for t in tensors],
+        }
+        bufs = [_to_bytes(t) for t in tensors]
+        try:
+            self._dealer(peer).send_multipart(
+                [msgspec.msgpack.encode(header), *bufs], flags=zmq.NOBLOCK, copy=False
+            )
+        except zmq.Again as e:
+            raise TransportError(f"peer {peer} is not draining its queue") from e
+        nbytes = sum(b.nbytes for b in bufs)
+        self.stats.bytes_sent += nbytes
+        self.stats.messages_sent += 1
+        return nbytes
+
+    def _receive(self, timeout_s: float) -> Message | None:
+        if not self.socket.poll(int(timeout_s * 1000)):
+            return None
+        ident, head, *frames = self.socket.recv_multipart(copy=False)
+        header = msgspec.msgpack.decode(head.bytes)
+        tensors = [_from_bytes(f.buffer, d, s) for f, (d, s) in zip(frames, header["tensors"])]
+        self.stats.bytes_received += sum(f.buffer.nbytes for f in frames)
+        self.stats.messages_received += 1
+        return Message(ident.bytes.decode(), header["kind"], header["meta"], tensors)
+
+    def disconnect(self, peer: str) -> None:
+        sock = self._peers.pop(peer, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def peers(self) -> list[str]:
+        return sorted(self._peers)
+
+    def close(self) -> None:
+        for peer in list(self._peers):
+            self.disconnect(peer)
+        self.socket.close(linger=0)
+        self.ctx.term()
