@@ -12,7 +12,8 @@ from adrenaline.server.args import engine_config  # noqa: E402
 
 
 def test_unset_flags_keep_our_defaults(default_model):
-    sa = parse_server_args(["--model-path", default_model])
+    sa, ours = parse_server_args(["--model-path", default_model])
+    assert (ours.pd_transport, ours.pd_timeout) == ("tcp", 60.0)
     cfg = engine_config(sa)
     # SGLang would resolve these to page 1, a random seed, 71% of memory, chunk 4096.
     assert (cfg.page_size, cfg.random_seed, cfg.chunked_prefill_size) == (16, 0, 2048)
@@ -22,7 +23,7 @@ def test_unset_flags_keep_our_defaults(default_model):
 
 
 def test_set_flags_reach_the_engine_config(default_model):
-    sa = parse_server_args(
+    sa, _ = parse_server_args(
         ["--model-path", default_model, "--dtype", "half", "--page-size", "32", "--max-total-tokens", "4096",
          "--chunked-prefill-size", "-1", "--max-running-requests", "7", "--random-seed", "5",
          "--attention-backend", "torch", "--disable-radix-cache"]
@@ -35,7 +36,16 @@ def test_set_flags_reach_the_engine_config(default_model):
 
 
 def test_default_model_when_no_model_path(default_model):
-    assert parse_server_args([]).model_path == default_model
+    assert parse_server_args([])[0].model_path == default_model
+
+
+def test_pd_flags(default_model):
+    sa, ours = parse_server_args(
+        ["--model-path", default_model, "--disaggregation-mode", "decode", "--pd-timeout", "5",
+         "--pd-advertise-host", "10.0.0.7"]
+    )  # fmt: skip
+    assert sa.disaggregation_mode == "decode"
+    assert (ours.pd_timeout, ours.pd_advertise_host) == (5.0, "10.0.0.7")
 
 
 @pytest.mark.parametrize(
@@ -44,7 +54,9 @@ def test_default_model_when_no_model_path(default_model):
         (["--tp-size", "2"], "--tp-size 2"),
         (["--attention-backend", "triton"], "--attention-backend triton"),
         (["--is-embedding"], "embedding"),
-        (["--disaggregation-mode", "prefill"], "PD serving"),
+        (["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "nixl"], "--pd-transport"),
+        (["--pd-timeout", "0"], "--pd-timeout"),
+        (["--pd-transport", "rdma"], "--pd-transport"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],
 )

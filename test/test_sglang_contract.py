@@ -202,6 +202,9 @@ def _dummy(cls):
 class _FakeScheduler:
     running, waiting, page_size, has_work = [], [], 16, False
 
+    def requests(self) -> list:
+        return []
+
     class allocator:  # noqa: N801
         @staticmethod
         def flush() -> bool:
@@ -213,8 +216,10 @@ class _FakeScheduler:
 
 def _answers(msg) -> list:
     replies = []
+    scheduler = _FakeScheduler()
     handler = control.ControlHandler(
-        _FakeScheduler(),
+        scheduler,
+        [scheduler],
         reply=lambda out, req: replies.append(out),
         forward=lambda m: None,
         emit=lambda r: None,

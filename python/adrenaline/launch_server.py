@@ -8,11 +8,12 @@ differ: the default model when ``--model-path`` is not given, ``--device cpu`` w
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from sglang.srt.server_args import ServerArgs
 
-from adrenaline.server.args import unsupported_flags
+from adrenaline.server.args import AdrenalineArgs, unsupported_flags
 
 PROG = "python -m adrenaline.launch_server"
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model with SGLang's HTTP API (native, OpenAI) on Adrenaline's scheduler.",
     )
     ServerArgs.add_cli_args(parser)
+    AdrenalineArgs.add_cli_args(parser)
     for action in parser._actions:
         if action.dest == "model_path":
             action.required = False
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
+def parse_server_args(argv: list[str] | None = None) -> tuple[ServerArgs, AdrenalineArgs]:
     """Parse like SGLang, fill our defaults, reject what our scheduler cannot serve (exit 2)."""
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -58,31 +60,36 @@ def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
     if ns.attention_backend == "torch":
         ns.attention_backend = "torch_native"
     try:
+        ours = AdrenalineArgs.from_cli_args(ns)
         server_args = ServerArgs.from_cli_args(ns)
     except (ValueError, TypeError, AssertionError) as e:
         parser.error(str(e))
     problems = unsupported_flags(server_args)
     if problems:
         parser.error("; ".join(problems))
-    return server_args
+    return server_args, ours
 
 
 def main(argv: list[str] | None = None) -> None:
-    server_args = parse_server_args(argv)
+    server_args, ours = parse_server_args(argv)
     from sglang.srt.entrypoints.http_server import launch_server
 
     from adrenaline.server.scheduler_process import run_scheduler_process
 
     url = f"http://{server_args.host}:{server_args.port}"
+    mode = server_args.disaggregation_mode or "null"
+    port = server_args.disaggregation_bootstrap_port
+    role = "" if mode == "null" else f" as PD {mode} (bootstrap port {port})"
     print(
-        f"[adrenaline] starting: {server_args.model_path} on {server_args.device}, serving at {url}",
+        f"[adrenaline] starting: {server_args.model_path} on {server_args.device}{role}, serving at {url}",
         flush=True,
     )
 
     def ready() -> None:
         print(f"[adrenaline] ready at {url} (OpenAI API at {url}/v1)", flush=True)
 
-    launch_server(server_args, run_scheduler_process_func=run_scheduler_process, launch_callback=ready)
+    scheduler_fn = functools.partial(run_scheduler_process, adrenaline_args=ours)
+    launch_server(server_args, run_scheduler_process_func=scheduler_fn, launch_callback=ready)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Reference attention backend in plain PyTorch (CPU and GPU).
 
-Decode requests are batched into one padded SDPA call (one query each; padding masked out);
-each prefill chunk gets its own SDPA call with a causal mask offset by its cached prefix.
+Decode requests go through one ``paged_decode_attention`` call (on CPU a C++ kernel that reads the
+pages in place); each prefill chunk gets its own SDPA call with a causal mask offset by its cached
+prefix.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from adrenaline.attention.base import AttentionBackend, AttentionBatch
 from adrenaline.kv_cache.pool import KVPool
-from sgl_kernel_ext.ops import cpu_has_low_precision_fma
+from sgl_kernel_ext import cpu
+from sgl_kernel_ext.ops import cpu_has_low_precision_fma, paged_decode_attention
 
 
 def request_slots(pages: list[int], seq_len: int, page_size: int, device: torch.device) -> torch.Tensor:
@@ -26,6 +28,8 @@ class TorchAttentionBackend(AttentionBackend):
         self.upcast = (
             pool.device.type == "cpu" and pool.dtype != torch.float32 and not cpu_has_low_precision_fma()
         )
+        if pool.device.type == "cpu":
+            cpu.kernels()  # build (or load) the decode kernel now, not on the first request
 
     def plan(self, batch: AttentionBatch) -> None:
         dev = self.pool.device
@@ -47,18 +51,17 @@ class TorchAttentionBackend(AttentionBackend):
                 kv_pos = torch.arange(batch.seq_lens[i], device=dev)
                 mask = kv_pos[None, :] <= (prefix + torch.arange(e, device=dev))[:, None]
             self.prefills.append((starts[i], e, slots, mask))
-        # decode group: (token rows or None when the batch is all decodes, page matrix, mask)
+        # decode group: (token rows or None when the batch is all decodes, page matrix, KV lengths)
         self.decode: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
-        if dec:  # gather whole pages (contiguous chunks), mask the unused tail of the last one
+        if dec:
             lens = [batch.seq_lens[i] for i in dec]
             width = -(-max(lens) // ps)
             idx = torch.zeros(len(dec), width, dtype=torch.long)
             for row, i in enumerate(dec):
                 pages = batch.page_table[i][: -(-lens[row] // ps)]
                 idx[row, : len(pages)] = torch.tensor(pages)
-            valid = torch.arange(width * ps)[None, :] < torch.tensor(lens)[:, None]
             rows = None if len(dec) == t else torch.tensor([starts[i] for i in dec], device=dev)
-            self.decode = (rows, idx.to(dev), valid[:, None, None, :].to(dev))
+            self.decode = (rows, idx.to(dev), torch.tensor(lens, device=dev))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool) -> torch.Tensor:
         """q: [B, H, Tq, D]; k/v: [B, Hkv, Tk, D]. Low precision runs in float32 on CPUs without its FMA."""
@@ -87,8 +90,6 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        _, idx, mask = self.decode
-        b = idx.shape[0]
-        ks = self.pool.k[layer][idx].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        vs = self.pool.v[layer][idx].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return self._sdpa(q[:, :, None, :], ks, vs, mask, False)[:, :, 0, :]
+        _, idx, lens = self.decode
+        out = paged_decode_attention(q, self.pool.k[layer], self.pool.v[layer], idx, lens, self.scale)
+        return out.to(q.dtype)

@@ -89,7 +89,7 @@ class TransferStats:
 class TransferManager(ABC):
     """One PD role's side of the KV handshake, driven by the scheduler loop.
 
-    The loop hands it routed requests (``add``), lets it drain its transport every iteration
+    The loop hands it every request (``add_request``), lets it drain its transport every iteration
     (``tick``) and reports the requests it ``emit``\\s; aborts reach it through ``abort``.
     """
 
@@ -108,7 +108,7 @@ class TransferManager(ABC):
         self.stats = TransferStats()
 
     @abstractmethod
-    def add(self, req: Req) -> None:
+    def add_request(self, req: Req) -> None:
         """Admit a request from the front end (ValueError: the client's mistake)."""
 
     @abstractmethod
@@ -124,6 +124,10 @@ class TransferManager(ABC):
     @abstractmethod
     def expire(self) -> None:
         """End what waited on a peer for longer than ``timeout_s``."""
+
+    def after_step(self, progressed: list[Req]) -> list[Req]:
+        """Which of a step's progressed requests to report now."""
+        return progressed
 
     def tick(self) -> None:
         while (msg := self.transport.poll(0)) is not None:

@@ -57,7 +57,7 @@ class DecodeTransfers(TransferManager):
         self.addresses: dict[tuple[str, int], str] = {}
 
     # ---- requests from the front end ----------------------------------------------------------
-    def add(self, req: Req) -> None:
+    def add_request(self, req: Req) -> None:
         boot = bootstrap_of(req)
         if boot is None:
             self.scheduler.add_request(req)

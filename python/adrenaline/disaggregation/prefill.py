@@ -60,7 +60,7 @@ class PrefillTransfers(TransferManager):
         scheduler.on_forward = self.on_forward
 
     # ---- requests from the front end ----------------------------------------------------------
-    def add(self, req: Req) -> None:
+    def add_request(self, req: Req) -> None:
         """Admit a request; a routed one (bootstrap fields) is prefilled for the decode side."""
         boot = bootstrap_of(req)
         if boot is None or req.params.max_new_tokens == 0:  # local, or nothing to decode

@@ -8,6 +8,8 @@ defaults (``EngineConfig``) for everything the user did not choose.
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from typing import Any
 
 from adrenaline.config import EngineConfig
@@ -47,8 +49,12 @@ def unsupported_flags(sa: Any) -> list[str]:
         problems.append("--enable-hierarchical-cache is not supported")
     if (getattr(sa, "tokenizer_worker_num", 1) or 1) != 1:
         problems.append("--tokenizer-worker-num > 1 is not supported")
-    if sa.disaggregation_mode not in (None, "null"):
-        problems.append(f"--disaggregation-mode {sa.disaggregation_mode}: PD serving is not implemented yet")
+    if sa.disaggregation_mode not in (None, "null") and sa.disaggregation_transfer_backend != "mooncake":
+        problems.append(
+            f"--disaggregation-transfer-backend {sa.disaggregation_transfer_backend}: Adrenaline moves KV "
+            "with its own transport (--pd-transport) and uses the default (mooncake) backend's bootstrap "
+            "server only to find peers; leave the flag unset"
+        )
     if sa.attention_backend not in ATTENTION_BACKENDS:
         choices = ", ".join(k for k in ATTENTION_BACKENDS if k)
         problems.append(f"--attention-backend {sa.attention_backend}: choose one of {choices}")
@@ -74,3 +80,40 @@ def engine_config(sa: Any) -> EngineConfig:
         chunk = sa.chunked_prefill_size
         kw["chunked_prefill_size"] = chunk if chunk > 0 else kw.get("max_prefill_tokens", 16384)
     return EngineConfig(**kw)
+
+
+@dataclass
+class AdrenalineArgs:
+    """Our flags, beside SGLang's; they reach the scheduler process with its arguments."""
+
+    pd_transport: str = "tcp"
+    pd_timeout: float = 60.0
+    pd_advertise_host: str | None = None
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("Adrenaline")
+        group.add_argument(
+            "--pd-transport",
+            choices=["tcp", "nccl"],
+            default=AdrenalineArgs.pd_transport,
+            help="PD KV data plane: tcp (host memory, any machine) or nccl (GPU to GPU)",
+        )
+        group.add_argument(
+            "--pd-timeout",
+            type=float,
+            default=AdrenalineArgs.pd_timeout,
+            help="seconds a PD request waits on its peer instance before it fails (HTTP 5xx)",
+        )
+        group.add_argument(
+            "--pd-advertise-host",
+            default=None,
+            help="address peers use to reach this instance's transport (default: from --host)",
+        )
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> AdrenalineArgs:
+        args = cls(ns.pd_transport, ns.pd_timeout, ns.pd_advertise_host)
+        if args.pd_timeout <= 0:
+            raise ValueError("--pd-timeout must be positive")
+        return args

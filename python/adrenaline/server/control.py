@@ -103,7 +103,8 @@ def failure_reply(reply_cls: type, message: str, **fields: Any) -> Any:
 class ControlHandler:
     """Serves one control message at a time for the scheduler loop.
 
-    ``reply(output, request)`` answers on the TokenizerManager's socket, ``forward(msg)`` passes a
+    ``holders`` are what hold requests (the scheduler; a PD role's transfers first, when there is
+    one), ``reply(output, request)`` answers on the TokenizerManager's socket, ``forward(msg)`` passes a
     message on to the detokenizer, ``emit(req)`` reports a request finished outside a step (abort),
     ``internal_state()`` describes the scheduler for ``/server_info``.
     """
@@ -111,6 +112,7 @@ class ControlHandler:
     def __init__(
         self,
         scheduler,
+        holders: list,
         reply: Callable[[Any, Any], None],
         forward: Callable[[Any], None],
         emit: Callable[[Req], None],
@@ -118,6 +120,7 @@ class ControlHandler:
         model=None,
     ) -> None:
         self.scheduler = scheduler
+        self.holders = holders  # who holds requests: requests() and abort(rid, reason), PD first
         self.reply, self.forward, self.emit = reply, forward, emit
         self.internal_state = internal_state
         self.model = model
@@ -166,8 +169,8 @@ class ControlHandler:
     # ---- supported requests -------------------------------------------------------------------
     def _on_AbortReq(self, msg: io.AbortReq) -> None:
         """Abort by rid prefix (SGLang's rule) or all; the client sees SGLang's abort reason."""
-        s = self.scheduler
-        rids = {r.rid for r in [*s.running, *s.waiting] if msg.abort_all or r.rid.startswith(msg.rid or "\0")}
+        held = [r for h in self.holders for r in h.requests()]
+        rids = {r.rid for r in held if msg.abort_all or r.rid.startswith(msg.rid or "\0")}
         if msg.finished_reason:
             reason = dict(msg.finished_reason)
         elif msg.abort_message:
@@ -177,8 +180,9 @@ class ControlHandler:
         if rids:
             logger.info("abort %s: %d request(s)", "all" if msg.abort_all else repr(msg.rid), len(rids))
         for rid in rids:
-            for req in s.abort(rid, reason):
-                self.emit(req)
+            for holder in self.holders:
+                for req in holder.abort(rid, reason):
+                    self.emit(req)
 
     def _on_FlushCacheReqInput(self, msg: io.FlushCacheReqInput) -> None:
         if self._pending_flush is not None:

@@ -22,14 +22,19 @@ from sglang.srt.managers import io_struct as io
 from sglang.srt.utils.common import kill_itself_when_parent_died
 from sglang.srt.utils.network import get_zmq_socket
 
+from adrenaline.disaggregation.bootstrap import register_prefill
+from adrenaline.disaggregation.common import TransferManager
+from adrenaline.disaggregation.decode import DecodeTransfers
+from adrenaline.disaggregation.prefill import PrefillTransfers
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.scheduler.request import Req, finish_abort
 from adrenaline.scheduler.scheduler import Scheduler
-from adrenaline.server.args import engine_config
+from adrenaline.server.args import AdrenalineArgs, engine_config
 from adrenaline.server.control import ControlHandler
 from adrenaline.server.io_convert import OutputBatch, rejected_req, req_from_tokenized
 from adrenaline.server.state import LoadPublisher, SchedulerState
+from adrenaline.transport import create_transport
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ IDLE_POLL_MS = 50  # how long an idle loop waits for a message before its housek
 
 
 class SchedulerProcess:
-    def __init__(self, server_args: Any, port_args: Any) -> None:
+    def __init__(self, server_args: Any, port_args: Any, ours: AdrenalineArgs) -> None:
         tic = time.perf_counter()
         self.config = engine_config(server_args)
         model_path = resolve_model_path(self.config.model_path)
@@ -82,22 +87,46 @@ class SchedulerProcess:
             "kv_cache_gb": self.runner.pool.nbytes() / 2**30,
             "scheduler_startup_time": self.startup_time,
         }
-        self.state = SchedulerState(self.scheduler, info)
+        self.outputs = OutputBatch()
+        self.pd = self._pd_manager(server_args, ours)
+        self.poller = zmq.Poller()
+        self.poller.register(self.recv, zmq.POLLIN)
+        if self.pd is not None:
+            self.poller.register(self.pd.transport.pollable, zmq.POLLIN)
+        self.state = SchedulerState(self.scheduler, info, self.pd)
         self.loads = LoadPublisher(port_args, self.state)
         self.metrics = None
         if server_args.enable_metrics:
             from adrenaline.server.metrics import SchedulerMetrics
 
             self.metrics = SchedulerMetrics(self.state, server_args.served_model_name or model_path)
-        self.outputs = OutputBatch()
         self.control = ControlHandler(
             self.scheduler,
+            [self.pd, self.scheduler] if self.pd is not None else [self.scheduler],
             reply=self._reply,
             forward=lambda msg: io.sock_send(self.to_detokenizer, msg),
-            emit=lambda req: self.outputs.add(req),
+            emit=self._emit,
             internal_state=self.state.internal_state,
             model=self.runner.model,
         )
+
+    def _pd_manager(self, server_args: Any, ours: AdrenalineArgs) -> TransferManager | None:
+        """The KV transfer side of a PD role (None for a single instance)."""
+        mode = server_args.disaggregation_mode
+        if mode not in ("prefill", "decode"):
+            return None
+        transport = create_transport(ours.pd_transport, server_args.host, ours.pd_advertise_host)
+        if mode == "decode":
+            return DecodeTransfers(self.scheduler, transport, ours.pd_timeout, self._emit)
+        register_prefill(
+            server_args.host,
+            server_args.disaggregation_bootstrap_port,
+            transport.address,
+            self.runner.page_size,
+            str(self.runner.dtype).removeprefix("torch."),
+            server_args.port,
+        )
+        return PrefillTransfers(self.scheduler, transport, ours.pd_timeout, self._emit)
 
     def init_info(self) -> dict[str, Any]:
         max_tokens = self.runner.max_total_tokens
@@ -108,6 +137,10 @@ class SchedulerProcess:
             "startup_time": self.startup_time,
         }
 
+    def _emit(self, req: Req) -> None:
+        """Report a request in this iteration's output (finished, or streaming)."""
+        self.outputs.add(req)
+
     # ---- messages -----------------------------------------------------------------------------
     def _reply(self, output: Any, request: Any) -> None:
         if getattr(output, "http_worker_ipc", None) is None:
@@ -115,8 +148,9 @@ class SchedulerProcess:
         io.sock_send(self.to_tokenizer, output)
 
     def _receive(self, block: bool) -> None:
-        if not self.recv.poll(IDLE_POLL_MS if block else 0):
-            return
+        """Wait (when idle) for the front end or a PD peer; take every front-end message."""
+        if block:
+            self.poller.poll(IDLE_POLL_MS)
         while not self.control.shutdown:
             try:
                 msg = io.sock_recv(self.recv, zmq.NOBLOCK)
@@ -140,14 +174,14 @@ class SchedulerProcess:
     def _add(self, msg: io.TokenizedGenerateReqInput) -> None:
         try:
             req: Req = req_from_tokenized(msg, self.context_len)
-            self.scheduler.add_request(req)
+            (self.pd or self.scheduler).add_request(req)
         except ValueError as e:  # the client's mistake: HTTP 400 with the message
             req = rejected_req(msg, str(e))
         except Exception as e:  # ours: fail this request, keep serving the others
             logger.exception("request %s could not be admitted", msg.rid)
             req = rejected_req(msg, f"internal error admitting the request: {e}", 500)
         if req.finished:
-            self.outputs.add(req)
+            self._emit(req)
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -158,11 +192,16 @@ class SchedulerProcess:
             self._receive(block=not busy)
             if control.shutdown:
                 break
+            if self.pd is not None:
+                self.pd.tick()
             if s.has_work and not control.paused:
                 if control.forward_sleep:
                     time.sleep(control.forward_sleep)
-                for req in s.step():
-                    self.outputs.add(req)
+                progressed = s.step()
+                if self.pd is not None:
+                    progressed = self.pd.after_step(progressed)
+                for req in progressed:
+                    self._emit(req)
                 self.state.throughput.record(s.stats.generated_tokens)
             if len(self.outputs):
                 io.sock_send(self.to_detokenizer, self.outputs.build())
@@ -176,6 +215,8 @@ class SchedulerProcess:
 
     def close(self) -> None:
         self.loads.close()
+        if self.pd is not None:
+            self.pd.transport.close()
         for sock in (self.recv, self.to_tokenizer, self.to_detokenizer):
             sock.close(linger=0)
         self.ctx.term()
@@ -199,6 +240,7 @@ def run_scheduler_process(
     dp_rank: int | None,
     pipe_writer: Any,
     *args: Any,
+    adrenaline_args: AdrenalineArgs | None = None,
     **kwargs: Any,
 ) -> None:
     """SGLang's ``run_scheduler_process_func``: runs until ``ShutdownReq`` or the parent dies."""
@@ -210,7 +252,7 @@ def run_scheduler_process(
     # SIGTERM to the whole process group (not just the server) must still unlink our files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        proc = SchedulerProcess(server_args, port_args)
+        proc = SchedulerProcess(server_args, port_args, adrenaline_args or AdrenalineArgs())
     except Exception as e:
         logger.exception("scheduler failed to start")
         pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})

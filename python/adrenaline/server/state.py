@@ -59,8 +59,9 @@ class ThroughputMeter:
 class SchedulerState:
     """Reads live numbers off a ``Scheduler`` in the shapes SGLang's front end expects."""
 
-    def __init__(self, scheduler, info: dict[str, Any]) -> None:
+    def __init__(self, scheduler, info: dict[str, Any], pd=None) -> None:
         self.scheduler = scheduler
+        self.pd = pd  # the PD role's TransferManager, if any
         self.info = info  # static facts: model, dtype, device, startup time...
         self.throughput = ThroughputMeter()
 
@@ -100,6 +101,7 @@ class SchedulerState:
             "stats": asdict(s.stats),
             "effective_max_running_requests_per_dp": s.config.max_running_requests,
             "chunked_prefill_size": s.config.chunked_prefill_size,
+            "disaggregation": self.pd.info() if self.pd is not None else {"role": "null"},
         }
 
     def load_snapshot(self):
