@@ -7,7 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from sgl_kernel_ext import reference
+from sgl_kernel_ext import cpu, reference
 
 
 def _flashinfer():
@@ -73,3 +73,21 @@ def apply_rope(
         fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q2, k2, d, cos_sin, is_neox=True)
         return q2.view(t, hq, d), k2.view(t, hk, d)
     return reference.apply_rope(q, k, positions, cos_sin)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_idx: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Float32 [B, H, D] decode attention over paged KV (see ``reference.paged_decode_attention``).
+
+    On CPU the C++ kernel reads the pages in place; the reference gathers and upcasts every
+    request's KV per layer, which cost more than the layer's GEMMs at batch 16.
+    """
+    if not q.is_cuda and (ext := cpu.kernels()) is not None:
+        return ext.paged_decode_attention(q.contiguous(), k_pages, v_pages, page_idx, seq_lens, scale)
+    return reference.paged_decode_attention(q, k_pages, v_pages, page_idx, seq_lens, scale)

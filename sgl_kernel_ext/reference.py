@@ -58,3 +58,26 @@ def apply_rope(
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
     return rot(q), rot(k)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_idx: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per request against its paged KV, in float32: gathers whole pages, masks the tail.
+
+    q: [B, H, D]; k/v_pages: [num_pages, page_size, Hkv, D]; page_idx: [B, W] pages of each request
+    (padded); seq_lens: [B]. Returns float32 [B, H, D].
+    """
+    b, hkv, d = q.shape[0], k_pages.shape[2], q.shape[2]
+    ks = k_pages[page_idx].view(b, -1, hkv, d).transpose(1, 2).float()
+    vs = v_pages[page_idx].view(b, -1, hkv, d).transpose(1, 2).float()
+    valid = torch.arange(ks.shape[2], device=q.device)[None, :] < seq_lens[:, None]
+    o = F.scaled_dot_product_attention(
+        q.float()[:, :, None, :], ks, vs, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return o[:, :, 0, :]
