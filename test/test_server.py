@@ -11,14 +11,9 @@ import http.client
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import psutil
 import pytest
@@ -26,7 +21,8 @@ import requests
 
 pytest.importorskip("sglang.srt.entrypoints.http_server")
 
-STARTUP_TIMEOUT_S = 240
+from server_utils import Server, generate, internal_state, wait_kv_free  # noqa: E402
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -34,65 +30,6 @@ PROMPTS = [
     "Once upon a time, a small robot",
 ]
 GREEDY = {"temperature": 0, "max_new_tokens": 10}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "server.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "adrenaline.launch_server",
-            "--port",
-            str(self.port),
-            "--dtype",
-            "float32",
-            "--max-total-tokens",
-            "8192",
-            "--enable-metrics",
-            *extra,
-        ]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if "[adrenaline] ready at" in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(1)
-        raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self, timeout: float = 90) -> list[psutil.Process]:
-        """SIGTERM the server; return the processes still alive after ``timeout``."""
-        procs = self.tree()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:  # never leave strays behind, even when the test is about to fail
-            p.kill()
-        self.log.close()
-        return alive
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +49,6 @@ def engine():
     eng = Engine(dtype="float32", max_total_tokens=4096)
     yield eng
     eng.shutdown()
-
-
-def generate(server: Server, **body) -> requests.Response:
-    return requests.post(server.url + "/generate", json=body, timeout=120)
-
-
-def internal_state(server: Server) -> dict:
-    return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]
-
-
-def wait_kv_free(server: Server, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = internal_state(server)
-        idle = st["num_running_reqs"] == 0 and st["num_waiting_reqs"] == 0
-        if (idle and st["kv_cache"]["num_used_pages"] == 0) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.2)
 
 
 # ---- generation -----------------------------------------------------------------------------------

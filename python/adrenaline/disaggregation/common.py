@@ -19,8 +19,9 @@ from adrenaline.transport.base import Message, Transport
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
 
 # Message kinds of the KV handshake (decode -> prefill: REQUEST, ACK; prefill -> decode: PAGES,
-# DONE; either way: CANCEL).
+# DONE, ALIVE while still prefilling; either way: CANCEL).
 KV_REQUEST, KV_PAGES, KV_DONE, KV_ACK, KV_CANCEL = "kv_request", "kv_pages", "kv_done", "kv_ack", "kv_cancel"
+KV_ALIVE = "kv_alive"
 
 
 def bootstrap_of(req: Req) -> tuple[str, int, int] | None:

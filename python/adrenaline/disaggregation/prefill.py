@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from adrenaline.disaggregation.common import (
     KV_ACK,
+    KV_ALIVE,
     KV_CANCEL,
     KV_DONE,
     KV_PAGES,
@@ -45,7 +46,8 @@ class Outbound:
     held: list[int] = field(default_factory=list)  # computed, unsent pages we keep a reference on
     prompt_done: bool = False  # the whole prompt's KV is computed
     done_sent: bool = False
-    deadline: float = float("inf")
+    deadline: float = float("inf")  # set while waiting on the decode side, not while computing
+    last_sent: float = 0.0  # keepalives tell a waiting decode side we are still at it
 
 
 class PrefillTransfers(TransferManager):
@@ -164,8 +166,8 @@ class PrefillTransfers(TransferManager):
             for req in self._end(t, finish_abort(text, 500), failed=True):
                 self.emit(req)
             return
-        t.deadline = time.monotonic() + self.timeout_s
         if t.prompt_done:
+            t.deadline = time.monotonic() + self.timeout_s  # for its acknowledgement
             self._send_pages(t, t.held)
             self._release_held(t)  # gathered into the message: the pool's copy is no longer needed
         elif t.sent < len(t.req.pages):  # earlier chunks, computed before the decode side asked
@@ -180,9 +182,7 @@ class PrefillTransfers(TransferManager):
             return
         first = t.sent
         try:
-            self.transport.send(
-                t.peer, KV_PAGES, {"room": t.room, "first": first}, [gather_pages(self.pool, pages)]
-            )
+            self._send(t, KV_PAGES, {"room": t.room, "first": first}, [gather_pages(self.pool, pages)])
         except TransportError as e:
             logger.warning("KV pages of room %s not sent: %s", t.room, e)
             return  # the deadline ends it
@@ -200,10 +200,14 @@ class PrefillTransfers(TransferManager):
             "top": req.output_top_logprobs[0] if req.output_top_logprobs else None,
         }
         try:
-            self.transport.send(t.peer, KV_DONE, meta)
+            self._send(t, KV_DONE, meta)
             t.done_sent = True
         except TransportError as e:
             logger.warning("first token of room %s not sent: %s", t.room, e)
+
+    def _send(self, t: Outbound, kind: str, meta: dict, tensors: list | tuple = ()) -> None:
+        self.transport.send(t.peer, kind, meta, tensors)
+        t.last_sent = time.monotonic()
 
     def _cancel_peer(self, t: Outbound, message: str) -> None:
         if t.peer is not None:
@@ -231,6 +235,9 @@ class PrefillTransfers(TransferManager):
 
     def expire(self) -> None:
         now = time.monotonic()
+        for t in self.out.values():  # still prefilling (queued, or a long prompt): say so
+            if t.peer is not None and not t.done_sent and now - t.last_sent > self.timeout_s / 3:
+                self._send(t, KV_ALIVE, {"room": t.room})
         for t in [t for t in self.out.values() if t.deadline < now]:
             what = "acknowledged" if t.peer else "claimed"
             text = f"no decode instance {what} the KV of bootstrap room {t.room} within {self.timeout_s:g} s"

@@ -1,0 +1,92 @@
+"""Live servers for the tests: start ``python -m adrenaline.launch_server``, wait, query, stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "server.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "adrenaline.launch_server",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-total-tokens",
+            "8192",
+            "--enable-metrics",
+            *extra,
+        ]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if "[adrenaline] ready at" in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(1)
+        raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 90) -> list[psutil.Process]:
+        """SIGTERM the server; return the processes still alive after ``timeout``."""
+        procs = self.tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:  # never leave strays behind, even when the test is about to fail
+            p.kill()
+        self.log.close()
+        return alive
+
+
+def generate(server: Server, **body) -> requests.Response:
+    return requests.post(server.url + "/generate", json=body, timeout=120)
+
+
+def internal_state(server: Server) -> dict:
+    return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]
+
+
+def wait_kv_free(server: Server, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = internal_state(server)
+        idle = st["num_running_reqs"] == 0 and st["num_waiting_reqs"] == 0
+        if (idle and st["kv_cache"]["num_used_pages"] == 0) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
