@@ -27,7 +27,7 @@ pytest.importorskip("sglang_router")
 
 from server_utils import Server, free_port, internal_state, wait_kv_free  # noqa: E402
 
-from adrenaline.launch_pd import router_command  # noqa: E402
+from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
 TIMEOUT_S = 8  # --pd-timeout of the pair
 LENGTHS = [3, 17, 64, 150, 5, 90, 33, 250]
@@ -45,7 +45,7 @@ class Pair:
         self.decode = Server(tmp / "d", "--disaggregation-mode", "decode", "--pd-timeout", str(TIMEOUT_S))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.router = None
+        self.router = Cluster(str(tmp))
 
     def _prefill(self, port: int | None = None) -> Server:
         (self.tmp / "p").mkdir(exist_ok=True)
@@ -56,36 +56,14 @@ class Pair:
         )  # fmt: skip
 
     def start_router(self) -> None:
-        cmd = router_command(
-            "127.0.0.1", self.port, [(self.prefill.url, self.bootstrap_port)], [self.decode.url]
-        )
-        self.router_log = open(self.tmp / "router.log", "w")  # noqa: SIM115
-        self.router = subprocess.Popen(cmd, stdout=self.router_log, stderr=subprocess.STDOUT)
-        wait_serving(self.url)
+        prefills = [(self.prefill.url, self.bootstrap_port)]
+        self.router.start("router", router_command("127.0.0.1", self.port, prefills, [self.decode.url]))
+        wait_serving(self.router, self.url)
 
     def stop(self) -> None:
-        if self.router is not None:
-            self.router.terminate()
-            self.router.wait(30)
-            self.router_log.close()
+        self.router.stop()
         for srv in (self.prefill, self.decode):
             srv.stop()
-
-
-def wait_serving(url: str, timeout: float = 120) -> None:
-    """Until a greedy request through ``url`` succeeds (the router needs its workers healthy)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            body = {"text": "hi", "sampling_params": {"max_new_tokens": 1}}
-            r = requests.post(f"{url}/generate", json=body, timeout=30)
-            if r.status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not serving after {timeout} s")
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +224,7 @@ def test_kill_prefill_fails_in_flight_then_recovers(pair, engine):
     pair.prefill.log.close()
     pair.prefill = pair._prefill(port=pair.prefill.port)
     pair.prefill.wait_ready()
-    wait_serving(pair.url)
+    wait_serving(pair.router, pair.url)
     r = post(pair.url, input_ids=ids[0], sampling_params=sp)
     assert (
         r.status_code == 200
@@ -266,12 +244,10 @@ def test_two_prefill_two_decode_via_launch_pd(tmp_path, engine):
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 400
-        while "ready: router" not in (tmp_path / "launch_pd.log").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "launch_pd.log"
-            ).read_text()
+        logged = lambda: (tmp_path / "launch_pd.log").read_text()
+        while "ready: router" not in logged():  # launch_pd has served a request through it
+            assert proc.poll() is None and time.monotonic() < deadline, logged()
             time.sleep(1)
-        wait_serving(url)
         ids = prompts(8)
         sp = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
         with ThreadPoolExecutor(8) as pool:

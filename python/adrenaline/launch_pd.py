@@ -11,6 +11,7 @@ URLs with ``--prefill-url``/``--decode-url``: only the router is started then (d
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -58,10 +59,8 @@ class Cluster:
                 proc.wait()
 
 
-def wait_healthy(
-    cluster: Cluster, urls: list[str], timeout_s: float = HEALTH_TIMEOUT_S, path: str = "/health"
-) -> None:
-    """Block until every URL answers ``path`` with 200; RuntimeError if a process dies first."""
+def wait_healthy(cluster: Cluster, urls: list[str], timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Block until every URL answers /health with 200; RuntimeError if a process dies first."""
     deadline = time.monotonic() + timeout_s
     pending = list(urls)
     while pending:
@@ -70,12 +69,31 @@ def wait_healthy(
         if time.monotonic() > deadline:
             raise RuntimeError(f"not healthy after {timeout_s:.0f} s: {pending}")
         try:
-            with urllib.request.urlopen(f"{pending[0]}{path}", timeout=2) as r:
+            with urllib.request.urlopen(f"{pending[0]}/health", timeout=2) as r:
                 if r.status == 200:
                     pending.pop(0)
                     continue
         except OSError:
             pass
+        time.sleep(1)
+
+
+def wait_serving(cluster: Cluster, url: str, timeout_s: float = 120) -> None:
+    """Until a 1-token request through the router succeeds: it needs its workers marked healthy."""
+    body = json.dumps({"text": "hi", "sampling_params": {"max_new_tokens": 1}}).encode()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if (why := cluster.dead()) is not None:
+            raise RuntimeError(why)
+        req = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the router at {url} did not serve within {timeout_s:.0f} s")
         time.sleep(1)
 
 
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             cluster.start(name, cmd, env)
         wait_healthy(cluster, [u for u, _ in prefills] + decodes)
         cluster.start("router", router_command(args.host, args.port, prefills, decodes))
-        wait_healthy(cluster, [f"http://{args.host}:{args.port}"], timeout_s=60, path="/readiness")
+        wait_serving(cluster, f"http://{args.host}:{args.port}")
         print(f"[launch_pd] ready: router at http://{args.host}:{args.port}", flush=True)
         while (why := cluster.dead()) is None:
             time.sleep(1)

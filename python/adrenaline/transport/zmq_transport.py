@@ -21,7 +21,7 @@ from adrenaline.transport.base import Message, Transport, TransportError
 SEND_HWM = 1024  # messages queued per peer before send() reports the peer as stuck
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -79,7 +79,7 @@ class ZmqTransport(Transport):
         header = {
             "kind": kind,
             "meta": meta or {},
-            "tensors": [(_dtype_name(t.dtype), list(t.shape)) for t in tensors],
+            "tensors": [(dtype_name(t.dtype), list(t.shape)) for t in tensors],
         }
         bufs = [_to_bytes(t) for t in tensors]
         try:

@@ -1,0 +1,98 @@
+"""Single instance vs 1P1D (prefill + decode behind SGLang's router), same machine, same workloads.
+
+    python -m adrenaline.bench.pd --num-prompts 32 --max-concurrency 16 -- --dtype bfloat16
+
+For each mix (decode-heavy: short prompts, long outputs; prefill-heavy: long prompts, short
+outputs) it serves the default model once as a single instance on all cores, then as a 1P1D pair
+with the prefill instance on the first half of the cores and the decode instance on the second,
+and drives each with ``sglang.benchmark.serving``. Prints a markdown table with throughput,
+TTFT/TPOT p50/p99 and the KV bytes the decode instance received per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+from contextlib import contextmanager
+
+from adrenaline.bench.serving import free_port, run_client, server
+from adrenaline.launch_pd import Cluster, router_command, wait_healthy, wait_serving
+from adrenaline.models.default_model import resolve_model_path
+
+MIXES = {"decode-heavy": (64, 256), "prefill-heavy": (1024, 16)}
+
+
+@contextmanager
+def pd_pair(extra: list[str], log_dir: str | None):
+    """Prefill on the first half of the cores, decode on the rest, router in front; yields ports."""
+    cores = os.cpu_count() or 2
+    half = max(cores // 2, 1)
+    split = (f"0-{half - 1}", f"{half}-{cores - 1}" if cores > 1 else "0")
+    pp, dp, bp, rp = free_port(), free_port(), free_port(), free_port()
+    base = [sys.executable, "-m", "adrenaline.launch_server", "--host", "127.0.0.1"]
+    cluster = Cluster(log_dir)
+    try:
+        cluster.start("prefill", ["taskset", "-c", split[0], *base, "--port", str(pp),
+                                  "--disaggregation-mode", "prefill",
+                                  "--disaggregation-bootstrap-port", str(bp), *extra])  # fmt: skip
+        cluster.start("decode", ["taskset", "-c", split[1], *base, "--port", str(dp),
+                                 "--disaggregation-mode", "decode", *extra])  # fmt: skip
+        urls = [f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{dp}"]
+        wait_healthy(cluster, urls)
+        cluster.start("router", router_command("127.0.0.1", rp, [(urls[0], bp)], [urls[1]]))
+        wait_serving(cluster, f"http://127.0.0.1:{rp}")
+        yield rp, dp
+    finally:
+        cluster.stop()
+
+
+def decode_pd_stats(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30) as r:
+        return json.loads(r.read())["internal_states"][0]["disaggregation"]
+
+
+def row(name: str, mix: str, res: dict, kv_per_req: float | None) -> str:
+    kv = f"{kv_per_req / 2**20:.2f}" if kv_per_req is not None else "-"
+    return (
+        f"| {name} | {mix} | {res['output_throughput']:.1f} | {res['request_throughput']:.2f} | "
+        f"{res['median_ttft_ms']:.0f} / {res['p99_ttft_ms']:.0f} | "
+        f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {kv} |"
+    )
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--max-concurrency", type=int, default=16)
+    ap.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    ap.add_argument("--log-dir", default=None, help="keep the instances' logs here")
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    model = resolve_model_path(None)
+    rows = []
+    for mix in args.mixes:
+        args.input_len, args.output_len = MIXES[mix]
+        port = free_port()
+        with server(extra, port):
+            rows.append(row("single", mix, run_client(port, model, args), None))
+        with pd_pair(extra, args.log_dir) as (router_port, decode_port):
+            before = decode_pd_stats(decode_port)
+            res = run_client(router_port, model, args)
+            after = decode_pd_stats(decode_port)
+            moved = after["bytes_received"] - before["bytes_received"]
+            rows.append(row("1P1D", mix, res, moved / max(after["transfers"] - before["transfers"], 1)))
+        print("\n".join(rows[-2:]), flush=True)
+    print(f"\nserver args: {' '.join(extra) or '(defaults)'}; {args.num_prompts} prompts, "
+          f"concurrency {args.max_concurrency}; mixes (in/out): "
+          + ", ".join(f"{m} {MIXES[m][0]}/{MIXES[m][1]}" for m in args.mixes))  # fmt: skip
+    print("| mode | mix | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | KV MiB/req |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
