@@ -12,9 +12,10 @@ from sgl_kernel_ext.cpu import kernels
 @pytest.mark.skipif(kernels() is None, reason="no C++ compiler to build the CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_paged_decode_attention_matches_reference(dtype, heads, kv_heads):
+@pytest.mark.parametrize("d", [64, 128, 48])  # the two compiled-in head dims and the generic path
+def test_paged_decode_attention_matches_reference(dtype, heads, kv_heads, d):
     g = torch.Generator().manual_seed(0)
-    d, ps, lens = 64, 16, torch.tensor([1, 15, 16, 17, 100, 257])
+    ps, lens = 16, torch.tensor([1, 15, 16, 17, 100, 257])
     width = -(-int(lens.max()) // ps)
     num_pages = len(lens) * width + 3
     k = torch.randn(num_pages, ps, kv_heads, d, generator=g).to(dtype)
