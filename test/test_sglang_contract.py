@@ -22,6 +22,13 @@ from adrenaline.server import control  # noqa: E402
 from adrenaline.server.io_convert import OutputBatch, rejected_req, req_from_tokenized  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def msgpack_wire(monkeypatch):
+    """Build messages for the msgpack wire (typed, so decoding checks fields), as with
+    SGLANG_USE_PICKLE_IPC=0; opaque fields are then wrapped in PickleWrapper."""
+    monkeypatch.setattr(io, "_USE_PICKLE_IPC", False)
+
+
 def roundtrip(obj):
     """Through the wire exactly as the processes send it; decoding checks every field's type."""
     out = io.msgpack_decode(io.msgpack_encode(obj))
@@ -137,6 +144,7 @@ def test_output_message_fields():
     assert out.input_top_logprobs_val[0][0] == [] and out.input_top_logprobs_idx[0][1] == [1, 2]
     assert out.output_token_logprobs_val == [[-0.3]] and out.output_token_logprobs_idx == [[20]]
     assert out.output_top_logprobs_idx == [[[20, 21]]]
+    assert io.unwrap_from_pickle(out.customized_info) == {"attention_offloaded": [[]]}
     # Second chunk: only what is new, no prompt context, input logprobs not repeated.
     req.output_ids.append(21)
     req.output_logprobs.append(-0.4)
@@ -149,6 +157,8 @@ def test_output_message_fields():
     assert out.finished_reasons == [{"type": "stop", "matched": 21}]
     assert out.input_token_logprobs_val == [[]] and out.output_token_logprobs_val == [[-0.4]]
     assert out.output_top_logprobs_val == [[[]]]
+    # meta_info["attention_offloaded"] arrives with the last message
+    assert io.unwrap_from_pickle(out.customized_info) == {"attention_offloaded": [[False]]}
 
 
 def test_non_streaming_requests_are_sent_only_when_finished():

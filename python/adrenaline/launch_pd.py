@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,12 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_healthy(cluster: Cluster, urls: list[str], timeout_s: float = HEALTH_TIMEOUT_S) -> None:
@@ -162,7 +169,7 @@ def plan(
 def router_command(host: str, port: int, prefills: list[tuple[str, int]], decodes: list[str]) -> list[str]:
     """SGLang's router in PD mode over ``prefills`` (url, bootstrap port) and ``decodes``."""
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-           "--host", host, "--port", str(port)]  # fmt: skip
+           "--host", host, "--port", str(port), "--prometheus-port", str(free_port())]  # fmt: skip
     for url, bport in prefills:
         cmd += ["--prefill", url, str(bport)]
     for url in decodes:

@@ -18,8 +18,8 @@ import sys
 import urllib.request
 from contextlib import contextmanager
 
-from adrenaline.bench.serving import free_port, run_client, server
-from adrenaline.launch_pd import Cluster, router_command, wait_healthy, wait_serving
+from adrenaline.bench.serving import run_client, server
+from adrenaline.launch_pd import Cluster, free_port, router_command, wait_healthy, wait_serving
 from adrenaline.models.default_model import resolve_model_path
 
 MIXES = {"decode-heavy": (64, 256), "prefill-heavy": (1024, 16)}

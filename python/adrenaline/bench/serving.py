@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,8 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
+from adrenaline.launch_pd import free_port
 from adrenaline.models.default_model import resolve_model_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

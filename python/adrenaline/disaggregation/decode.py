@@ -27,6 +27,7 @@ from adrenaline.disaggregation.common import (
     num_pages,
     scatter_pages,
 )
+from adrenaline.offload.policy import OffloadPolicy
 from adrenaline.scheduler.request import Req, finish_abort, finish_length
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.base import Message, Transport, TransportError
@@ -43,15 +44,24 @@ class Inbound:
     peer: str | None = None  # the prefill instance's transport address
     pages: list[int] = field(default_factory=list)
     received: int = 0  # pages written so far
+    offload: bool = False  # its KV stays in the prefill side's attention executor
+    may_offload: bool = True  # False once the prefill side could not take it
 
 
 class DecodeTransfers(TransferManager):
     role = "decode"
 
     def __init__(
-        self, scheduler: Scheduler, transport: Transport, timeout_s: float, emit: Callable[[Req], None]
+        self,
+        scheduler: Scheduler,
+        transport: Transport,
+        timeout_s: float,
+        emit: Callable[[Req], None],
+        policy: OffloadPolicy | None = None,
     ) -> None:
+        """``policy`` decides which admitted requests offload their attention (None: none do)."""
         super().__init__(scheduler, transport, timeout_s, emit)
+        self.policy = policy
         self.pending: deque[Inbound] = deque()  # waiting for pages here
         self.inflight: dict[int, Inbound] = {}  # asked the prefill side, KV on its way
         self.addresses: dict[tuple[str, int], str] = {}
@@ -90,6 +100,28 @@ class DecodeTransfers(TransferManager):
     def tick(self) -> None:
         super().tick()
         self.admit()
+        if self.scheduler.remote is not None:
+            self.scheduler.remote.flush()
+
+    def info(self) -> dict:
+        info = super().info()
+        remote = self.scheduler.remote
+        if remote is not None:
+            local, offloaded = self._counts()
+            info["offload"] = {
+                "local_requests": local,
+                "offloaded_requests": offloaded,
+                "offloaded_steps": remote.steps,
+                "fallbacks": self.scheduler.stats.offload_fallbacks,
+                "executors": remote.executor_kv,  # each executor's last reported KV usage
+            }
+        return info
+
+    def _counts(self) -> tuple[int, int]:
+        """(local, offloaded) requests running or on their way here."""
+        offloaded = sum(r.offload is not None for r in self.scheduler.running)
+        offloaded += sum(t.offload for t in self.inflight.values())
+        return len(self.scheduler.running) + len(self.inflight) - offloaded, offloaded
 
     # ---- admission ----------------------------------------------------------------------------
     def admit(self) -> None:
@@ -97,7 +129,8 @@ class DecodeTransfers(TransferManager):
         s = self.scheduler
         while self.pending and len(s.running) + len(self.inflight) < s.config.max_running_requests:
             t = self.pending[0]
-            need = num_pages(len(t.req.input_ids), self.page_size)
+            t.offload = t.may_offload and self.policy is not None and self.policy.offload(*self._counts())
+            need = 0 if t.offload else num_pages(len(t.req.input_ids), self.page_size)
             if need > s.allocator.num_available:
                 return
             self.pending.popleft()
@@ -109,7 +142,13 @@ class DecodeTransfers(TransferManager):
             t.pages = s.allocator.alloc(need)
             t.deadline = time.monotonic() + self.timeout_s
             self.inflight[t.room] = t
-            meta = {"room": t.room, "rid": t.req.rid, "pages": t.pages, "layout": self.layout}
+            meta = {
+                "room": t.room,
+                "rid": t.req.rid,
+                "pages": t.pages,
+                "layout": self.layout,
+                "offload": t.offload,
+            }
             try:
                 self.transport.send(t.peer, KV_REQUEST, meta)
             except TransportError as e:
@@ -142,9 +181,16 @@ class DecodeTransfers(TransferManager):
             self.stats.transfers += 1
             self.stats.pages += len(t.pages)
             t.req.pages = t.pages
+            if t.offload:
+                t.req.offload = msg.meta["executor"]
+                t.req.extra["attention_offloaded"] = True
             top = [tuple(x) for x in msg.meta["top"]] if msg.meta.get("top") else msg.meta.get("top")
             self.scheduler.admit_prefilled(t.req, msg.meta["token"], msg.meta.get("logprob"), top)
             self.emit(t.req)
+        elif msg.kind == KV_CANCEL and t.offload and msg.meta.get("local_ok"):
+            del self.inflight[t.room]  # no executor room there: take its KV here after all
+            t.offload = t.may_offload = False
+            self.pending.appendleft(t)
         elif msg.kind == KV_CANCEL:
             self._fail(t, finish_abort(f"prefill instance: {msg.meta.get('message')}", 502))
 

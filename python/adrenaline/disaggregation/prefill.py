@@ -27,7 +27,10 @@ from adrenaline.disaggregation.common import (
     bootstrap_of,
     gather_pages,
     num_pages,
+    scatter_pages,
 )
+from adrenaline.kv_cache.pool import KVPool
+from adrenaline.offload.protocol import EXEC_ALLOC, EXEC_FREE, EXEC_REPLY, EXEC_STATS
 from adrenaline.scheduler.batch import ScheduledReq
 from adrenaline.scheduler.request import Req, finish_abort
 from adrenaline.scheduler.scheduler import Scheduler
@@ -46,6 +49,7 @@ class Outbound:
     held: list[int] = field(default_factory=list)  # computed, unsent pages we keep a reference on
     prompt_done: bool = False  # the whole prompt's KV is computed
     done_sent: bool = False
+    offload: bool = False  # the KV goes into the attention executor's pool
     deadline: float = float("inf")  # set while waiting on the decode side, not while computing
     last_sent: float = 0.0  # keepalives tell a waiting decode side we are still at it
 
@@ -54,9 +58,17 @@ class PrefillTransfers(TransferManager):
     role = "prefill"
 
     def __init__(
-        self, scheduler: Scheduler, transport: Transport, timeout_s: float, emit: Callable[[Req], None]
+        self,
+        scheduler: Scheduler,
+        transport: Transport,
+        timeout_s: float,
+        emit: Callable[[Req], None],
+        executor: tuple[str, KVPool] | None = None,
     ) -> None:
+        """``executor``: the colocated attention executor's address and the pool it shares with us."""
         super().__init__(scheduler, transport, timeout_s, emit)
+        self.executor, self.offload_pool = executor or (None, None)
+        self._asks = 0
         self.out: dict[int, Outbound] = {}
         self.early: dict[int, tuple[Message, float]] = {}  # kv_requests ahead of their request
         scheduler.on_forward = self.on_forward
@@ -158,8 +170,16 @@ class PrefillTransfers(TransferManager):
                 self.emit(req)
 
     def _attach(self, t: Outbound, msg: Message) -> None:
-        t.peer, t.dst_pages = msg.peer, list(msg.meta["pages"])
         need = num_pages(len(t.req.input_ids), self.page_size)
+        pages = msg.meta["pages"]
+        if msg.meta.get("offload"):  # the KV goes to our executor's pool, not to the decode side
+            pages = self._executor_pages(t.room, len(t.req.input_ids))
+            if pages is None:
+                text = "this prefill instance's attention executor cannot take the request"
+                self.transport.send(msg.peer, KV_CANCEL, {"room": t.room, "message": text, "local_ok": True})
+                return
+            t.offload = True
+        t.peer, t.dst_pages = msg.peer, list(pages)
         if len(t.dst_pages) != need:
             text = f"decode allocated {len(t.dst_pages)} pages for a {need}-page prompt"
             self._cancel_peer(t, text)
@@ -182,7 +202,11 @@ class PrefillTransfers(TransferManager):
             return
         first = t.sent
         try:
-            self._send(t, KV_PAGES, {"room": t.room, "first": first}, [gather_pages(self.pool, pages)])
+            data = gather_pages(self.pool, pages)
+            if t.offload:  # in place, into the pool we share with the executor: nothing crosses
+                scatter_pages(self.offload_pool, t.dst_pages[first : first + len(pages)], data)
+            else:
+                self._send(t, KV_PAGES, {"room": t.room, "first": first}, [data])
         except TransportError as e:
             logger.warning("KV pages of room %s not sent: %s", t.room, e)
             return  # the deadline ends it
@@ -198,6 +222,7 @@ class PrefillTransfers(TransferManager):
             "token": req.output_ids[0],
             "logprob": req.output_logprobs[0] if req.output_logprobs else None,
             "top": req.output_top_logprobs[0] if req.output_top_logprobs else None,
+            "executor": self.executor if t.offload else None,
         }
         try:
             self._send(t, KV_DONE, meta)
@@ -208,6 +233,42 @@ class PrefillTransfers(TransferManager):
     def _send(self, t: Outbound, kind: str, meta: dict, tensors: list | tuple = ()) -> None:
         self.transport.send(t.peer, kind, meta, tensors)
         t.last_sent = time.monotonic()
+
+    def _ask_executor(self, kind: str, meta: dict, timeout_s: float) -> dict:
+        """One request/reply with the colocated executor (TransportError when it does not answer)."""
+        self._asks += 1
+        ask = self._asks
+        self.transport.send(self.executor, kind, {**meta, "ask": ask})
+        return self.transport.recv(
+            lambda m: m.kind == EXEC_REPLY and m.meta.get("ask") == ask, timeout_s
+        ).meta
+
+    def _executor_pages(self, room: int, tokens: int) -> list[int] | None:
+        """Pages for a prompt in the executor's pool (None: no executor, full or not answering)."""
+        if self.executor is None:
+            return None
+        try:
+            reply = self._ask_executor(EXEC_ALLOC, {"room": room, "tokens": tokens}, 5.0)
+        except TransportError as e:
+            logger.warning("attention executor not answering: %s", e)
+            self.transport.send(self.executor, EXEC_FREE, {"rooms": [room]})  # if it answers late
+            return None
+        if "error" in reply:
+            logger.info("room %s not offloaded: %s", room, reply["error"])
+            return None
+        return reply["pages"]
+
+    def executor_stats(self) -> dict:
+        try:
+            return self._ask_executor(EXEC_STATS, {}, 2.0)["stats"]
+        except TransportError as e:
+            return {"error": f"attention executor not answering: {e}"}
+
+    def info(self) -> dict:
+        info = super().info()
+        if self.executor is not None:
+            info["executor"] = {"address": self.executor, **self.executor_stats()}
+        return info
 
     def _cancel_peer(self, t: Outbound, message: str) -> None:
         if t.peer is not None:
@@ -225,6 +286,8 @@ class PrefillTransfers(TransferManager):
         """Stop a transfer: free what it holds, end its request (if still running) with ``reason``."""
         self.out.pop(t.room, None)
         self._release_held(t)
+        if t.offload:
+            self.transport.send(self.executor, EXEC_FREE, {"rooms": [t.room]})
         self.stats.failures += failed
         if t.req.finished and t.req.finished_reason.get("type") == "abort":
             return [t.req]

@@ -24,6 +24,15 @@ class KVPool:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
 
+    @classmethod
+    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVPool:
+        """A pool over existing per-layer tensors (e.g. another process's shared pool)."""
+        pool = cls.__new__(cls)
+        pool.k, pool.v = list(k), list(v)
+        pool.num_pages, pool.page_size = k[0].shape[0], k[0].shape[1]
+        pool.dtype, pool.device = k[0].dtype, k[0].device
+        return pool
+
     @property
     def num_slots(self) -> int:
         return self.num_pages * self.page_size

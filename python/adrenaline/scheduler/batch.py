@@ -45,7 +45,12 @@ class ForwardBatch:
             fill = r.fill_ids
             ids.extend(fill[it.start : it.end])
             pos.extend(range(it.start, it.end))
-            slots.extend(r.pages[p // page_size] * page_size + p % page_size for p in range(it.start, it.end))
+            if r.offload is not None:  # its KV lives in an attention executor's pool, which places it
+                slots.extend([-1] * it.extend)
+            else:
+                slots.extend(
+                    r.pages[p // page_size] * page_size + p % page_size for p in range(it.start, it.end)
+                )
             rows.extend(base + p - it.start for p in it.prompt_rows)
             if it.sample:
                 rows.append(base + it.extend - 1)

@@ -45,6 +45,7 @@ class Req:
     grammar: Grammar | None = None
     finished_reason: dict[str, Any] | None = None
     retractions: int = 0
+    offload: str | None = None  # address of the attention executor holding this request's KV
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     # logprobs, filled as computed

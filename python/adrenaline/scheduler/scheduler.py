@@ -9,11 +9,12 @@ retracted (its pages freed, its tokens recomputed later): nothing fails for lack
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +26,12 @@ from adrenaline.sampling.sampler import Sampler, top_logprobs
 from adrenaline.scheduler.batch import ForwardBatch, ScheduledReq
 from adrenaline.scheduler.finish import FinishChecker
 from adrenaline.scheduler.request import Req, finish_abort, finish_length
+from adrenaline.transport.base import TransportError
+
+if TYPE_CHECKING:
+    from adrenaline.offload.client import OffloadClient
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class SchedulerStats:
     prompt_tokens_cached: int = 0
     generated_tokens: int = 0
     retractions: int = 0
+    offload_fallbacks: int = 0  # offloaded requests recomputed here after their executor failed
 
 
 class Scheduler:
@@ -53,6 +61,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.stats = SchedulerStats()
+        # Computes the attention of offloaded requests (``Req.offload``) on attention executors.
+        self.remote: OffloadClient | None = None
         # Called after each forward with its items: their KV for [start, end) is in the pool.
         self.on_forward: Callable[[list[ScheduledReq]], None] | None = None
 
@@ -126,6 +136,8 @@ class Scheduler:
 
     # ---- KV pages -------------------------------------------------------------------------------
     def _reserve(self, req: Req, tokens: int) -> bool:
+        if req.offload is not None:  # the executor grows its pages itself
+            return True
         need = -(-tokens // self.page_size) - len(req.pages)
         if need <= 0:
             return True
@@ -136,6 +148,9 @@ class Scheduler:
 
     def _release(self, req: Req) -> None:
         """Free a request's pages, publishing its fully computed pages for prefix reuse."""
+        if req.offload is not None:
+            self.remote.free(req)
+            req.offload = None
         full = req.num_computed // self.page_size
         if full:
             self.allocator.publish(req.pages[:full], page_hashes(req.fill_ids, self.page_size, full))
@@ -209,8 +224,22 @@ class Scheduler:
         self.waiting = deque(r for r in self.waiting if not r.finished)
         if not items:
             return done_early
+        items.sort(key=lambda it: it.req.offload is not None)  # the local group first
+        offloaded = [it.req for it in items if it.req.offload is not None]
         batch = ForwardBatch.build(items, self.page_size, self.runner.device)
-        logits = self.runner.forward(batch)
+        if offloaded:
+            batch.num_local = len(items) - len(offloaded)
+            self.remote.prepare(offloaded)
+        try:
+            logits = self.runner.forward(batch, self.remote if offloaded else None)
+        except TransportError as e:  # an executor died or stalled: recompute its requests here
+            logger.warning(
+                "attention executor failed (%s): %d requests recomputed locally", e, len(offloaded)
+            )
+            for req in offloaded:
+                self._retract(req)
+                self.stats.offload_fallbacks += 1
+            return done_early
         self.stats.forward_passes += 1
         if self.on_forward is not None:
             self.on_forward(items)

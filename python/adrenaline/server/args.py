@@ -9,7 +9,7 @@ defaults (``EngineConfig``) for everything the user did not choose.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from adrenaline.config import EngineConfig
@@ -89,6 +89,11 @@ class AdrenalineArgs:
     pd_transport: str = "tcp"
     pd_timeout: float = 60.0
     pd_advertise_host: str | None = None
+    enable_attention_offload: bool = False
+    attention_offload_ratio: float = 0.0
+    max_offloaded_requests: int | None = None
+    executor_max_total_tokens: int | None = None
+    offload_timeout: float = 10.0
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -111,9 +116,39 @@ class AdrenalineArgs:
             help="address peers use to reach this instance's transport (default: from --host)",
         )
 
+        group.add_argument(
+            "--enable-attention-offload",
+            action="store_true",
+            help="prefill: start an attention executor that decode instances can offload attention to",
+        )
+        group.add_argument(
+            "--attention-offload-ratio",
+            type=float,
+            default=0.0,
+            help="decode: target offloaded:local requests (N/M); 0 offloads none, inf offloads all",
+        )
+        group.add_argument(
+            "--max-offloaded-requests", type=int, default=None, help="decode: cap on offloaded requests"
+        )
+        group.add_argument(
+            "--executor-max-total-tokens",
+            type=int,
+            default=None,
+            help="prefill: the attention executor's KV pool in tokens (default: the prefill's pool size)",
+        )
+        group.add_argument(
+            "--offload-timeout",
+            type=float,
+            default=AdrenalineArgs.offload_timeout,
+            help="decode: seconds to wait for an executor's layer output before recomputing locally",
+        )
+
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> AdrenalineArgs:
-        args = cls(ns.pd_transport, ns.pd_timeout, ns.pd_advertise_host)
-        if args.pd_timeout <= 0:
-            raise ValueError("--pd-timeout must be positive")
+        args = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        for name in ("pd_timeout", "offload_timeout"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if args.attention_offload_ratio < 0:
+            raise ValueError("--attention-offload-ratio must be >= 0")
         return args

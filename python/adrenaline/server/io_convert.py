@@ -10,7 +10,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from sglang.srt.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateReqInput
+from sglang.srt.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateReqInput, wrap_as_pickle
 
 from adrenaline.sampling.params import SamplingParams
 from adrenaline.scheduler.request import Req, finish_abort
@@ -218,6 +218,14 @@ class OutputBatch:
             placeholder_tokens_idx=None,
             placeholder_tokens_val=None,
             retraction_counts=[r.retractions for r in reqs],  # the TokenizerManager indexes it
+            # meta_info["attention_offloaded"] = [bool], in the request's last message
+            customized_info=wrap_as_pickle(
+                {
+                    "attention_offloaded": [
+                        [bool(r.extra.get("attention_offloaded"))] if r.finished else [] for r in reqs
+                    ]
+                }
+            ),  # fmt: skip
         )
 
     @staticmethod

@@ -26,7 +26,11 @@ from adrenaline.disaggregation.bootstrap import register_prefill
 from adrenaline.disaggregation.common import TransferManager
 from adrenaline.disaggregation.decode import DecodeTransfers
 from adrenaline.disaggregation.prefill import PrefillTransfers
+from adrenaline.kv_cache.pool import KVPool
 from adrenaline.models.default_model import resolve_model_path
+from adrenaline.offload.client import OffloadClient
+from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.offload.process import start_executor
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.scheduler.request import Req, finish_abort
 from adrenaline.scheduler.scheduler import Scheduler
@@ -88,6 +92,7 @@ class SchedulerProcess:
             "scheduler_startup_time": self.startup_time,
         }
         self.outputs = OutputBatch()
+        self.executor_proc = None
         self.pd = self._pd_manager(server_args, ours)
         self.poller = zmq.Poller()
         self.poller.register(self.recv, zmq.POLLIN)
@@ -115,9 +120,17 @@ class SchedulerProcess:
         mode = server_args.disaggregation_mode
         if mode not in ("prefill", "decode"):
             return None
-        transport = create_transport(ours.pd_transport, server_args.host, ours.pd_advertise_host)
+        transport_args = (ours.pd_transport, server_args.host, ours.pd_advertise_host)
+        transport = create_transport(*transport_args)
         if mode == "decode":
-            return DecodeTransfers(self.scheduler, transport, ours.pd_timeout, self._emit)
+            policy = None
+            if ours.attention_offload_ratio > 0:
+                policy = StaticRatioPolicy(ours.attention_offload_ratio, ours.max_offloaded_requests)
+                self.scheduler.remote = OffloadClient(transport, ours.offload_timeout)
+            return DecodeTransfers(self.scheduler, transport, ours.pd_timeout, self._emit, policy)
+        executor = None
+        if ours.enable_attention_offload:
+            executor = self._start_executor(ours, transport_args)
         register_prefill(
             server_args.host,
             server_args.disaggregation_bootstrap_port,
@@ -126,7 +139,18 @@ class SchedulerProcess:
             str(self.runner.dtype).removeprefix("torch."),
             server_args.port,
         )
-        return PrefillTransfers(self.scheduler, transport, ours.pd_timeout, self._emit)
+        return PrefillTransfers(self.scheduler, transport, ours.pd_timeout, self._emit, executor)
+
+    def _start_executor(self, ours: AdrenalineArgs, transport_args: tuple) -> tuple[str, KVPool]:
+        """The attention executor beside this prefill instance, over a pool shared with it."""
+        r, mc = self.runner, self.runner.model_config
+        tokens = ours.executor_max_total_tokens or r.max_total_tokens
+        pool = KVPool(mc, max(tokens // r.page_size, 1), r.page_size, r.dtype, r.device)
+        self.executor_proc, address = start_executor(
+            pool, mc.num_heads, mc.num_kv_heads, self.config.attention_backend, transport_args
+        )
+        logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)
+        return address, pool
 
     def init_info(self) -> dict[str, Any]:
         max_tokens = self.runner.max_total_tokens
@@ -215,6 +239,8 @@ class SchedulerProcess:
 
     def close(self) -> None:
         self.loads.close()
+        if self.executor_proc is not None:
+            self.executor_proc.terminate()
         if self.pd is not None:
             self.pd.transport.close()
         for sock in (self.recv, self.to_tokenizer, self.to_detokenizer):
