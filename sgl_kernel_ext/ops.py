@@ -63,8 +63,19 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return reference.silu_and_mul(gate_up)
 
 
+def rope_rows(positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype):
+    """The per-forward table ``apply_rope`` takes as ``rows`` (None where FlashInfer reads the cache)."""
+    if positions.is_cuda and _flashinfer() is not None:
+        return None
+    return reference.rope_rows(positions, cos_sin, dtype)
+
+
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.is_cuda and (fi := _flashinfer()) is not None:
         t, hq, d = q.shape
@@ -72,7 +83,7 @@ def apply_rope(
         q2, k2 = q.reshape(t, hq * d).contiguous(), k.reshape(t, hk * d).contiguous()
         fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q2, k2, d, cos_sin, is_neox=True)
         return q2.view(t, hq, d), k2.view(t, hk, d)
-    return reference.apply_rope(q, k, positions, cos_sin)
+    return reference.apply_rope(q, k, positions, cos_sin, rows)
 
 
 def paged_decode_attention(

@@ -41,23 +41,32 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding (Llama's ``rotate_half``) on [T, heads, head_dim] tensors.
+def rope_rows(positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype):
+    """Per-token cos and sign-folded sin, [T, 1, head_dim] in ``dtype``: built once per forward pass.
 
     ``cos_sin`` is the cache from ``rope_cos_sin_cache``: [max_pos, head_dim] holding cos | sin halves.
+    The sin's first half is negated, so ``rotate_half(x) * sin == x.roll(half) * signed_sin`` exactly.
     """
     half = cos_sin.shape[-1] // 2
     cs = cos_sin.index_select(0, positions)
-    cos = cs[:, None, :half].repeat(1, 1, 2).to(q.dtype)
-    sin = cs[:, None, half:].repeat(1, 1, 2).to(q.dtype)
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
-    def rot(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., :half], x[..., half:]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-    return rot(q), rot(k)
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (Llama's ``rotate_half``) on [T, heads, head_dim] tensors.
+
+    ``rows``: ``rope_rows(positions, cos_sin, q.dtype)`` when the caller has it already.
+    """
+    cos, sin = rows if rows is not None else rope_rows(positions, cos_sin, q.dtype)
+    half = q.shape[-1] // 2
+    return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
 
 
 def paged_decode_attention(

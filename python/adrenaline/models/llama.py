@@ -14,6 +14,7 @@ from torch import nn
 
 from adrenaline.model_config import ModelConfig
 from sgl_kernel_ext import apply_rope, fused_add_rms_norm, linear, rms_norm, rope_cos_sin_cache, silu_and_mul
+from sgl_kernel_ext.ops import rope_rows
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,13 +51,15 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
         attention: AttentionFn,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope``: ``rope_rows`` of this forward pass, shared by every layer."""
         h, residual = self.input_layernorm(x, residual)
         q, k, v = linear(h, self.qkv_proj.weight, self.qkv_proj.bias).split(
             [self.q_size, self.kv_size, self.kv_size], dim=-1
         )
         t = q.shape[0]
-        q, k = apply_rope(q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd), positions, cos_sin)
+        q, k = apply_rope(q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd), positions, cos_sin, rope)
         o = attention(self.layer_id, q, k, v.view(t, self.nkv, self.hd))
         h = linear(o.reshape(t, self.q_size).to(x.dtype), self.o_proj.weight)
         h, residual = self.post_attention_layernorm(h, residual)
@@ -111,8 +114,9 @@ class LlamaForCausalLM(nn.Module):
         """Logits (float32) of the rows ``logits_rows`` of the flat token batch (all rows when None)."""
         x = self.embed_tokens(input_ids)
         residual = None
+        rope = rope_rows(positions, self.cos_sin, x.dtype)
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.cos_sin, attention)
+            x, residual = layer(x, residual, positions, self.cos_sin, attention, rope)
         x, _ = self.norm(x, residual)
         if logits_rows is not None:
             x = x[logits_rows]
