@@ -81,7 +81,8 @@ def scatter_pages(pool: KVPool, pages: list[int], data: torch.Tensor) -> None:
 class TransferStats:
     transfers: int = 0  # requests whose KV crossed successfully
     failures: int = 0  # requests ended by a timeout, a cancel or a dead peer
-    pages: int = 0
+    pages: int = 0  # KV pages moved
+    kv_bytes: int = 0  # KV bytes moved over the transport (offloaded requests move none)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

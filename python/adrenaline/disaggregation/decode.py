@@ -171,6 +171,7 @@ class DecodeTransfers(TransferManager):
             first, data = msg.meta["first"], msg.tensors[0]
             scatter_pages(self.pool, t.pages[first : first + data.shape[2]], data)
             t.received = max(t.received, first + data.shape[2])
+            self.stats.kv_bytes += data.numel() * data.element_size()
         elif msg.kind == KV_DONE:
             if t.received < len(t.pages):
                 text = f"prefill finished with {t.received} of {len(t.pages)} KV pages sent"

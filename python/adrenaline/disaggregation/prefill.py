@@ -69,6 +69,7 @@ class PrefillTransfers(TransferManager):
         super().__init__(scheduler, transport, timeout_s, emit)
         self.executor, self.offload_pool = executor or (None, None)
         self._asks = 0
+        self.executor_down = False  # it stopped answering: requests then stay local
         self.out: dict[int, Outbound] = {}
         self.early: dict[int, tuple[Message, float]] = {}  # kv_requests ahead of their request
         scheduler.on_forward = self.on_forward
@@ -207,6 +208,7 @@ class PrefillTransfers(TransferManager):
                 scatter_pages(self.offload_pool, t.dst_pages[first : first + len(pages)], data)
             else:
                 self._send(t, KV_PAGES, {"room": t.room, "first": first}, [data])
+                self.stats.kv_bytes += data.numel() * data.element_size()
         except TransportError as e:
             logger.warning("KV pages of room %s not sent: %s", t.room, e)
             return  # the deadline ends it
@@ -245,13 +247,14 @@ class PrefillTransfers(TransferManager):
 
     def _executor_pages(self, room: int, tokens: int) -> list[int] | None:
         """Pages for a prompt in the executor's pool (None: no executor, full or not answering)."""
-        if self.executor is None:
+        if self.executor is None or self.executor_down:
             return None
         try:
             reply = self._ask_executor(EXEC_ALLOC, {"room": room, "tokens": tokens}, 5.0)
         except TransportError as e:
-            logger.warning("attention executor not answering: %s", e)
+            logger.error("attention executor not answering (%s): offloading to it stops", e)
             self.transport.send(self.executor, EXEC_FREE, {"rooms": [room]})  # if it answers late
+            self.executor_down = True
             return None
         if "error" in reply:
             logger.info("room %s not offloaded: %s", room, reply["error"])
