@@ -106,9 +106,7 @@ def test_outputs_identical_at_every_ratio(dep, engine, name):
     decode, url = dep.decodes[name], dep.urls[name]
     before = internal_state(decode)["disaggregation"]
     with ThreadPoolExecutor(6) as pool:
-        outs = list(
-            pool.map(lambda i: post(dep.urls[name], input_ids=ids[i], sampling_params=sp[i]), range(6))
-        )
+        outs = list(pool.map(lambda i: post(url, input_ids=ids[i], sampling_params=sp[i]), range(6)))
     assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
     want = engine.generate(input_ids=ids, sampling_params=sp)
     assert [r.json()["output_ids"] for r in outs] == [w["output_ids"] for w in want]
