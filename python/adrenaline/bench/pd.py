@@ -26,8 +26,11 @@ MIXES = {"decode-heavy": (64, 256), "prefill-heavy": (1024, 16)}
 
 
 @contextmanager
-def pd_pair(extra: list[str], log_dir: str | None):
-    """Prefill on the first half of the cores, decode on the rest, router in front; yields ports."""
+def pd_pair(extra: list[str], log_dir: str | None, prefill_extra: tuple = (), decode_extra: tuple = ()):
+    """Prefill on the first half of the cores, decode on the rest, router in front.
+
+    Yields (router port, decode port, prefill port); ``*_extra`` flags go to one role only.
+    """
     cores = os.cpu_count() or 2
     half = max(cores // 2, 1)
     split = (f"0-{half - 1}", f"{half}-{cores - 1}" if cores > 1 else "0")
@@ -36,22 +39,26 @@ def pd_pair(extra: list[str], log_dir: str | None):
     cluster = Cluster(log_dir)
     try:
         cluster.start("prefill", ["taskset", "-c", split[0], *base, "--port", str(pp),
-                                  "--disaggregation-mode", "prefill",
-                                  "--disaggregation-bootstrap-port", str(bp), *extra])  # fmt: skip
+                                  "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                                  str(bp), *extra, *prefill_extra])  # fmt: skip
         cluster.start("decode", ["taskset", "-c", split[1], *base, "--port", str(dp),
-                                 "--disaggregation-mode", "decode", *extra])  # fmt: skip
+                                 "--disaggregation-mode", "decode", *extra, *decode_extra])  # fmt: skip
         urls = [f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{dp}"]
         wait_healthy(cluster, urls)
         cluster.start("router", router_command("127.0.0.1", rp, [(urls[0], bp)], [urls[1]]))
         wait_serving(cluster, f"http://127.0.0.1:{rp}")
-        yield rp, dp
+        yield rp, dp, pp
     finally:
         cluster.stop()
 
 
-def decode_pd_stats(port: int) -> dict:
+def internal_state(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30) as r:
-        return json.loads(r.read())["internal_states"][0]["disaggregation"]
+        return json.loads(r.read())["internal_states"][0]
+
+
+def decode_pd_stats(port: int) -> dict:
+    return internal_state(port)["disaggregation"]
 
 
 def row(name: str, mix: str, res: dict, kv_per_req: float | None) -> str:
@@ -79,7 +86,7 @@ def main() -> None:
         port = free_port()
         with server(extra, port):
             rows.append(row("single", mix, run_client(port, model, args), None))
-        with pd_pair(extra, args.log_dir) as (router_port, decode_port):
+        with pd_pair(extra, args.log_dir) as (router_port, decode_port, _):
             before = decode_pd_stats(decode_port)
             res = run_client(router_port, model, args)
             after = decode_pd_stats(decode_port)

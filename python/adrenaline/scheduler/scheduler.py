@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SchedulerStats:
     forward_passes: int = 0
+    batched_requests: int = 0  # requests summed over forward passes: / forward_passes = mean batch
     prompt_tokens_computed: int = 0
     prompt_tokens_cached: int = 0
     generated_tokens: int = 0
@@ -241,6 +242,7 @@ class Scheduler:
                 self.stats.offload_fallbacks += 1
             return done_early
         self.stats.forward_passes += 1
+        self.stats.batched_requests += len(items)
         if self.on_forward is not None:
             self.on_forward(items)
         return done_early + self.process(items, logits)

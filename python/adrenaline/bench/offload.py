@@ -1,0 +1,92 @@
+"""The headline: 1P1D plain PD vs 1P1D with attention offloading, same machine, same workload.
+
+    python -m adrenaline.bench.offload --decode-max-total-tokens 1024 --ratio 4 -- --dtype bfloat16
+
+A decode-heavy workload (short prompts, long outputs, many concurrent requests) against a decode
+instance whose KV pool (``--decode-max-total-tokens``) bounds its batch. The prefill instance
+(with the attention executor, when offloading) runs on the first half of the cores, the decode
+instance on the other half. Prints output throughput, TPOT p50/p99, the decode instance's mean
+batch size, the executor's peak KV usage, and the throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from adrenaline.bench.pd import internal_state, pd_pair
+from adrenaline.bench.serving import run_client
+from adrenaline.models.default_model import resolve_model_path
+
+
+class ExecutorWatch:
+    """Samples the executor's KV usage once a second while the benchmark runs."""
+
+    def __init__(self, prefill_port: int) -> None:
+        self.port, self.peak, self.samples = prefill_port, 0.0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            ex = internal_state(self.port)["disaggregation"].get("executor", {})
+            if "kv_usage" in ex:
+                self.samples.append(ex["kv_usage"])
+                self.peak = max(self.peak, ex["kv_usage"])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-concurrency", type=int, default=48)
+    ap.add_argument("--decode-max-total-tokens", type=int, default=1024)
+    ap.add_argument("--ratio", default="4", help="--attention-offload-ratio of the offloading run")
+    ap.add_argument("--log-dir", default=None)
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    model = resolve_model_path(None)
+    decode_kv = ("--max-total-tokens", str(args.decode_max_total_tokens))
+    modes = {
+        "plain PD": ((), decode_kv),
+        "PD + offload": (
+            ("--enable-attention-offload",),
+            (*decode_kv, "--attention-offload-ratio", args.ratio),
+        ),
+    }
+    rows, tput = [], {}
+    for mode, (prefill_extra, decode_extra) in modes.items():
+        with pd_pair(extra, args.log_dir, prefill_extra, decode_extra) as (router, decode, prefill):
+            before = internal_state(decode)["stats"]
+            watch = ExecutorWatch(prefill)
+            res = run_client(router, model, args)
+            watch.close()
+            after = internal_state(decode)["stats"]
+        passes = after["forward_passes"] - before["forward_passes"]
+        batch = (after["batched_requests"] - before["batched_requests"]) / max(passes, 1)
+        tput[mode] = res["output_throughput"]
+        kv = f"{watch.peak:.1%}" if watch.samples else "-"
+        rows.append(
+            f"| {mode} | {res['output_throughput']:.1f} | "
+            f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {batch:.1f} | {kv} |"
+        )
+        print(rows[-1], flush=True)
+    print(f"\nserver args: {' '.join(extra) or '(defaults)'}; decode --max-total-tokens "
+          f"{args.decode_max_total_tokens}; {args.num_prompts} prompts in {args.input_len} / out "
+          f"{args.output_len}, concurrency {args.max_concurrency}; offload ratio {args.ratio}")  # fmt: skip
+    print("| mode | output tok/s | TPOT p50 / p99 (ms) | mean decode batch | executor KV peak |")
+    print("|---|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print(f"throughput ratio (offload / plain): {tput['PD + offload'] / tput['plain PD']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
