@@ -39,6 +39,9 @@ from adrenaline.transport.base import Message, Transport
 
 logger = logging.getLogger(__name__)
 
+# A room no step touched for this long belongs to a decode instance that died or forgot it.
+ROOM_IDLE_S = 600.0
+
 
 @dataclass
 class _Step:
@@ -57,6 +60,7 @@ class AttentionExecutor:
         self.backend_name = backend
         self.allocator = PageAllocator(pool.num_pages, pool.page_size, enable_prefix_caching=False)
         self.pages: dict[int, list[int]] = {}  # bootstrap room -> its pages in the pool
+        self.touched: dict[int, float] = {}  # bootstrap room -> when a step or alloc last used it
         self.steps: dict[str, _Step] = {}  # decode peer -> its current step
         self.backends: dict[str, AttentionBackend] = {}
         self.layers_served = 0
@@ -65,6 +69,7 @@ class AttentionExecutor:
     # ---- requests' pages ------------------------------------------------------------------------
     def _grow(self, room: int, tokens: int) -> list[int]:
         pages = self.pages.setdefault(room, [])
+        self.touched[room] = time.monotonic()
         need = num_pages(tokens, self.pool.page_size) - len(pages)
         if need > self.allocator.num_available:
             raise MemoryError(
@@ -76,6 +81,7 @@ class AttentionExecutor:
 
     def _free(self, rooms: list[int]) -> None:
         for room in rooms:
+            self.touched.pop(room, None)
             pages = self.pages.pop(room, None)
             if pages:
                 self.allocator.free(pages)
@@ -161,3 +167,7 @@ class AttentionExecutor:
                 checked = time.monotonic()
                 if not alive():
                     return
+                idle = [r for r, t in self.touched.items() if checked - t > ROOM_IDLE_S]
+                if idle:
+                    logger.warning("freeing %d rooms idle for %.0f s", len(idle), ROOM_IDLE_S)
+                    self._free(idle)
