@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ STARTUP_TIMEOUT_S = 240
 
 
 class Server:
-    def __init__(self, tmp: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(self, tmp: Path, *extra: str, port: int | None = None, threads: int | None = None) -> None:
+        """``threads``: torch threads of the scheduler (several servers on 2 cores: 1 each)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "server.log"
@@ -35,7 +37,10 @@ class Server:
             *extra,
         ]
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

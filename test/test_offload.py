@@ -35,14 +35,14 @@ class Deployment:
         (tmp / "p").mkdir()
         self.prefill = Server(
             tmp / "p", "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-            str(self.bootstrap), "--enable-attention-offload", "--pd-timeout", str(TIMEOUT_S),
+            str(self.bootstrap), "--enable-attention-offload", "--pd-timeout", str(TIMEOUT_S), threads=1,
         )  # fmt: skip
         self.decodes, self.urls = {}, {}
         for name, ratio in RATIOS.items():
             (tmp / name).mkdir()
             self.decodes[name] = Server(
                 tmp / name, "--disaggregation-mode", "decode", "--attention-offload-ratio", ratio,
-                "--pd-timeout", str(TIMEOUT_S), "--offload-timeout", "3",
+                "--pd-timeout", str(TIMEOUT_S), "--offload-timeout", "3", threads=1,
             )  # fmt: skip
         self.routers = Cluster(str(tmp))
 

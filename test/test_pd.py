@@ -29,7 +29,7 @@ from server_utils import Server, free_port, internal_state, wait_kv_free  # noqa
 
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
-TIMEOUT_S = 8  # --pd-timeout of the pair
+TIMEOUT_S = 20  # --pd-timeout of the pair
 LENGTHS = [3, 17, 64, 150, 5, 90, 33, 250]
 
 
@@ -42,7 +42,9 @@ class Pair:
         self.tmp = tmp
         self.bootstrap_port = free_port()
         self.prefill = self._prefill()
-        self.decode = Server(tmp / "d", "--disaggregation-mode", "decode", "--pd-timeout", str(TIMEOUT_S))
+        self.decode = Server(
+            tmp / "d", "--disaggregation-mode", "decode", "--pd-timeout", str(TIMEOUT_S), threads=1
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.router = Cluster(str(tmp))
@@ -52,7 +54,7 @@ class Pair:
         return Server(
             self.tmp / "p", "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
             str(self.bootstrap_port), "--pd-timeout", str(TIMEOUT_S), "--chunked-prefill-size", "64",
-            port=port,
+            port=port, threads=1,
         )  # fmt: skip
 
     def start_router(self) -> None:
@@ -240,7 +242,8 @@ def test_two_prefill_two_decode_via_launch_pd(tmp_path, engine):
            "--log-dir", str(tmp_path), "--", "--dtype", "float32", "--max-total-tokens", "4096",
            "--pd-timeout", str(TIMEOUT_S)]  # fmt: skip
     log = open(tmp_path / "launch_pd.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # four instances on two cores
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 400

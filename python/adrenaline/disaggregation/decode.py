@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from adrenaline.disaggregation.bootstrap import lookup_prefill
 from adrenaline.disaggregation.common import (
     KV_ACK,
+    KV_ALIVE,
     KV_CANCEL,
     KV_DONE,
     KV_PAGES,
@@ -46,6 +47,7 @@ class Inbound:
     received: int = 0  # pages written so far
     offload: bool = False  # its KV stays in the prefill side's attention executor
     may_offload: bool = True  # False once the prefill side could not take it
+    last_alive: float = 0.0  # when the prefill side last heard we still want it (while pending)
 
 
 class DecodeTransfers(TransferManager):
@@ -217,13 +219,21 @@ class DecodeTransfers(TransferManager):
         t.req.finished_reason = dict(reason)
 
     def expire(self) -> None:
+        """Fail transfers whose prefill side went quiet; keep the prefill side of queued ones waiting.
+
+        A request queued here for KV room waits as long as it takes (like any queued request);
+        keepalives tell its prefill instance, which holds its KV meanwhile, that it is wanted.
+        """
         now = time.monotonic()
-        for t in [t for t in [*self.pending, *self.inflight.values()] if t.deadline < now]:
+        for t in self.pending:
+            if now - t.last_alive > self.timeout_s / 3:
+                t.last_alive = now
+                try:
+                    self.transport.send(self._address(t.bootstrap), KV_ALIVE, {"room": t.room})
+                except (OSError, TransportError):
+                    pass  # unreachable now: its deadline there ends it, or admission finds out
+        for t in [t for t in self.inflight.values() if t.deadline < now]:
             host, port = t.bootstrap
-            if t.peer is None:
-                text = f"no KV cache room on this decode instance within {self.timeout_s:g} s"
-                self._fail(t, finish_abort(text, 503))
-                continue
             text = f"no KV from the prefill instance (bootstrap {host}:{port}) within {self.timeout_s:g} s"
             logger.warning("%s: request %s failed", text, t.req.rid)
             self.addresses.pop(t.bootstrap, None)  # it may come back at a new address

@@ -158,6 +158,9 @@ class PrefillTransfers(TransferManager):
                 self.early[room] = (msg, time.monotonic() + self.timeout_s)
             else:
                 self._attach(t, msg)
+        elif msg.kind == KV_ALIVE:  # a decode side queued for room still wants this KV
+            if t is not None and t.peer is None:
+                t.deadline = time.monotonic() + self.timeout_s
         elif t is None or t.peer != msg.peer:
             logger.debug("%s for unknown bootstrap room %s from %s dropped", msg.kind, room, msg.peer)
         elif msg.kind == KV_ACK:
