@@ -80,3 +80,38 @@ def test_prompt_too_long_is_rejected(tiny):
     e = Engine(tiny, dtype="float32", max_total_tokens=64, page_size=4, skip_tokenizer_init=True)
     with pytest.raises(ValueError, match="at most"):
         e.generate(input_ids=list(range(2, 100)), sampling_params={"max_new_tokens": 2})
+
+
+def test_request_outgrowing_the_pool_ends_at_its_size(tiny):
+    """Prompt + max_new_tokens beyond the whole pool: it stops with "length" when it fills the
+    pool (like a context limit), next to a short request, and both are reported."""
+    e = Engine(tiny, dtype="float32", max_total_tokens=64, page_size=4, skip_tokenizer_init=True)
+    long, short = random_prompts(2, 512, [10, 6], seed=6)
+    params = [
+        {"max_new_tokens": 200, "ignore_eos": True},
+        {"max_new_tokens": 8, "ignore_eos": True},
+    ]
+    outs = e.generate(input_ids=[long, short], sampling_params=params)
+    assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["length", "length"]
+    assert len(outs[0]["output_ids"]) == 64 - len(long)
+    assert len(outs[1]["output_ids"]) == 8
+    assert e.scheduler.allocator.num_used == 0
+
+
+def test_admission_keeps_headroom_for_running_requests(tiny):
+    """New requests wait while the running ones need their pages to grow: a pool that holds four
+    full requests runs four at once, not as many prompts as fit, and retracts nothing."""
+    prompts = random_prompts(8, 512, [8], seed=7)
+    e = Engine(tiny, dtype="float32", max_total_tokens=4 * 40, page_size=4, skip_tokenizer_init=True)
+    s = e.scheduler
+    s.headroom.ratio = 1.0  # keep the full remaining length free
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    reqs = [Req(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    for r in reqs:
+        s.add_request(r)
+    s.step()
+    assert len(s.running) == 4 and len(s.waiting) == 4
+    while s.has_work:
+        s.step()
+    assert s.stats.retractions == 0
+    assert all(len(r.output_ids) == 32 for r in reqs)

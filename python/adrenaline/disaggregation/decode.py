@@ -135,6 +135,8 @@ class DecodeTransfers(TransferManager):
             need = 0 if t.offload else num_pages(len(t.req.input_ids), self.page_size)
             if need > s.allocator.num_available:
                 return
+            if need and (s.running or self.inflight) and (s.waiting or not self._has_room(t)):
+                return  # retracted requests go first; running ones keep room to grow
             self.pending.popleft()
             try:
                 t.peer = self._address(t.bootstrap)
@@ -155,6 +157,12 @@ class DecodeTransfers(TransferManager):
                 self.transport.send(t.peer, KV_REQUEST, meta)
             except TransportError as e:
                 self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
+
+    def _has_room(self, t: Inbound) -> bool:
+        """Room for ``t`` next to the running requests and those whose KV is on its way."""
+        s = self.scheduler
+        coming = sum(s.headroom.pages(i.req, len(i.pages)) for i in self.inflight.values() if not i.offload)
+        return s.has_room(t.req, held=0, extra=coming)
 
     def _address(self, bootstrap: tuple[str, int]) -> str:
         addr = self.addresses.get(bootstrap)

@@ -2,7 +2,8 @@
 
 Each ``step`` forms one mixed batch: every running request's next tokens (one for a decode, a
 chunk for an unfinished prefill), then waiting requests admitted under the token budget
-(``chunked_prefill_size``) and the running cap. Prompt prefixes already in the KV cache are reused.
+(``chunked_prefill_size``), the running cap and the KV headroom running requests keep for their
+future tokens (``headroom.py``). Prompt prefixes already in the KV cache are reused.
 When the pool cannot hold a running request's next token, the most recently admitted request is
 retracted (its pages freed, its tokens recomputed later): nothing fails for lack of KV.
 """
@@ -25,6 +26,7 @@ from adrenaline.sampling.grammar import GrammarCompiler
 from adrenaline.sampling.sampler import Sampler, top_logprobs
 from adrenaline.scheduler.batch import ForwardBatch, ScheduledReq
 from adrenaline.scheduler.finish import FinishChecker
+from adrenaline.scheduler.headroom import Headroom
 from adrenaline.scheduler.request import Req, finish_abort, finish_length
 from adrenaline.transport.base import TransportError
 
@@ -52,13 +54,16 @@ class Scheduler:
         self.page_size = runner.page_size
         mc = runner.model_config
         self.context_len = mc.context_len
+        # Prompt + output end at the KV pool's size too, so one request alone always fits in it.
+        self.max_seq_len = min(self.context_len, runner.max_total_tokens)
         self.allocator = PageAllocator(runner.pool.num_pages, self.page_size, config.enable_prefix_caching)
         grammar = (
             GrammarCompiler(tokenizer, mc.vocab_size, mc.eos_token_ids) if tokenizer is not None else None
         )
         self.grammar = grammar
         self.sampler = Sampler(mc.vocab_size, mc.eos_token_ids, grammar)
-        self.finish = FinishChecker(tokenizer, mc.eos_token_ids, self.context_len)
+        self.finish = FinishChecker(tokenizer, mc.eos_token_ids, self.max_seq_len)
+        self.headroom = Headroom(self.page_size, self.max_seq_len)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.stats = SchedulerStats()
@@ -73,9 +78,8 @@ class Scheduler:
         n = len(req.input_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        limit = min(self.context_len, self.runner.max_total_tokens)
-        if n >= limit:
-            raise ValueError(f"the prompt has {n} tokens; this server accepts at most {limit - 1}")
+        if n >= self.max_seq_len:
+            raise ValueError(f"the prompt has {n} tokens; this server accepts at most {self.max_seq_len - 1}")
         vocab = self.runner.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.input_ids):
             raise ValueError(f"input_ids must be in [0, {vocab})")
@@ -147,6 +151,12 @@ class Scheduler:
         req.pages.extend(self.allocator.alloc(need))
         return True
 
+    def has_room(self, req: Req, held: int | None = None, extra: int = 0) -> bool:
+        """Whether ``req`` (holding ``held`` pages) fits next to the running requests with their
+        headroom and ``extra`` pages promised elsewhere."""
+        need = self.headroom.pages(req, held) + self.headroom.reserved(self.running) + extra
+        return need <= self.allocator.num_available
+
     def _release(self, req: Req) -> None:
         """Free a request's pages, publishing its fully computed pages for prefix reuse."""
         if req.offload is not None:
@@ -173,6 +183,7 @@ class Scheduler:
         self._release(victim)
         victim.retractions += 1
         self.stats.retractions += 1
+        self.headroom.retracted()
         self.running.remove(victim)
         self.waiting.appendleft(victim)
 
@@ -198,12 +209,10 @@ class Scheduler:
             if not req.pages:
                 self._match_prefix(req)
             n = min(req.seq_len - req.num_computed, budget)
-            if not self._reserve(req, req.num_computed + n):
-                if not self.running and not items:  # alone and still too big: it can never run
-                    self._release(req)
-                    self.waiting.popleft()
-                    req.finished_reason = finish_abort("the request does not fit in the KV cache", 400)
+            if (self.running or items) and not self.has_room(req):
                 break
+            if not self._reserve(req, req.num_computed + n):
+                break  # pages come back as running requests (or PD transfers) finish
             self.waiting.popleft()
             self.running.append(req)
             items.append(self._item(req, n))
@@ -221,10 +230,8 @@ class Scheduler:
     def step(self) -> list[Req]:
         """Run one forward pass; return the requests that got a new token or finished."""
         items = self.schedule()
-        done_early = [r for r in self.waiting if r.finished]  # e.g. too big for the cache
-        self.waiting = deque(r for r in self.waiting if not r.finished)
         if not items:
-            return done_early
+            return []
         items.sort(key=lambda it: it.req.offload is not None)  # the local group first
         offloaded = [it.req for it in items if it.req.offload is not None]
         batch = ForwardBatch.build(items, self.page_size, self.runner.device)
@@ -240,12 +247,13 @@ class Scheduler:
             for req in offloaded:
                 self._retract(req)
                 self.stats.offload_fallbacks += 1
-            return done_early
+            return []
         self.stats.forward_passes += 1
+        self.headroom.step()
         self.stats.batched_requests += len(items)
         if self.on_forward is not None:
             self.on_forward(items)
-        return done_early + self.process(items, logits)
+        return self.process(items, logits)
 
     def process(self, items: list[ScheduledReq], logits: torch.Tensor) -> list[Req]:
         """Record prompt logprobs, sample, check finish, free finished requests."""
