@@ -34,6 +34,8 @@ class Cluster:
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         print(f"[launch_pd] {name}: {' '.join(cmd)}", flush=True)
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
         log = open(os.path.join(self.log_dir, f"{name}.log"), "w") if self.log_dir else None  # noqa: SIM115
         proc = subprocess.Popen(
             cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT if log else None,
