@@ -115,3 +115,31 @@ def test_admission_keeps_headroom_for_running_requests(tiny):
         s.step()
     assert s.stats.retractions == 0
     assert all(len(r.output_ids) == 32 for r in reqs)
+
+
+def test_waiting_requests_hold_no_pages(tiny):
+    """Two requests whose prompts are cached, each alone filling most of the pool: the one left
+    waiting must not sit on its cached prefix pages, or the running one, retracted for lack of
+    them, can never be admitted again (a deadlock)."""
+    prompts = random_prompts(2, 512, [24], seed=9)
+    e = Engine(tiny, dtype="float32", max_total_tokens=64, page_size=4, skip_tokenizer_init=True)
+    e.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})  # caches both prompts
+    s = e.scheduler
+    s.headroom.ratio = 1.0
+    reqs = [
+        Req(f"r{i}", p, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
+    for r in reqs:
+        s.add_request(r)
+    for _ in range(500):
+        if not s.has_work:
+            break
+        s.step()
+    assert [len(r.output_ids) for r in reqs] == [30, 30]
+    roomy = Engine(tiny, dtype="float32", max_total_tokens=1024, page_size=4, skip_tokenizer_init=True)
+    params = {"temperature": 0, "max_new_tokens": 30, "ignore_eos": True}
+    assert [r.output_ids for r in reqs] == [
+        o["output_ids"] for o in roomy.generate(input_ids=prompts, sampling_params=params)
+    ]
+    assert s.allocator.num_used == 0

@@ -206,13 +206,15 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             req = self.waiting[0]
-            if not req.pages:
-                self._match_prefix(req)
+            self._match_prefix(req)
             n = min(req.seq_len - req.num_computed, budget)
-            if (self.running or items) and not self.has_room(req):
+            if ((self.running or items) and not self.has_room(req)) or not self._reserve(
+                req, req.num_computed + n
+            ):
+                # Waiting requests hold no pages (they may be all a running one lacks); pages
+                # come back as running requests (or PD transfers) finish.
+                self._release(req)
                 break
-            if not self._reserve(req, req.num_computed + n):
-                break  # pages come back as running requests (or PD transfers) finish
             self.waiting.popleft()
             self.running.append(req)
             items.append(self._item(req, n))
