@@ -210,9 +210,11 @@ class SchedulerProcess:
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         s, control = self.scheduler, self.control
-        was_busy = False
+        was_busy, stalled = False, False
         while not control.shutdown:
-            busy = (s.has_work and not control.paused) or len(self.outputs) > 0
+            # Stalled: the last step ran nothing (requests wait for pages or PD peers), so sleep
+            # until a message arrives instead of spinning.
+            busy = (s.has_work and not control.paused and not stalled) or len(self.outputs) > 0
             self._receive(block=not busy)
             if control.shutdown:
                 break
@@ -221,7 +223,9 @@ class SchedulerProcess:
             if s.has_work and not control.paused:
                 if control.forward_sleep:
                     time.sleep(control.forward_sleep)
+                passes = s.stats.forward_passes
                 progressed = s.step()
+                stalled = s.stats.forward_passes == passes
                 if self.pd is not None:
                     progressed = self.pd.after_step(progressed)
                 for req in progressed:
