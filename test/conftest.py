@@ -108,3 +108,13 @@ def hf_oracle_factory():
 def random_prompts(n: int, vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The offline Engine on the default model in float32: the reference for server tests."""
+    from adrenaline.engine import Engine
+
+    eng = Engine(dtype="float32", max_total_tokens=4096)
+    yield eng
+    eng.shutdown()

@@ -74,8 +74,10 @@ class Server:
         return alive
 
 
-def generate(server: Server, **body) -> requests.Response:
-    return requests.post(server.url + "/generate", json=body, timeout=120)
+def generate(target: Server | str, **body) -> requests.Response:
+    """POST /generate to a server (or a URL: a router's)."""
+    url = target if isinstance(target, str) else target.url
+    return requests.post(url + "/generate", json=body, timeout=180)
 
 
 def internal_state(server: Server) -> dict:

@@ -19,7 +19,7 @@ import requests
 
 pytest.importorskip("sglang_router")
 
-from server_utils import Server, free_port, internal_state, wait_kv_free  # noqa: E402
+from server_utils import Server, free_port, generate, internal_state, wait_kv_free  # noqa: E402
 
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
@@ -73,19 +73,6 @@ def dep(tmp_path_factory):
         d.stop()
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from adrenaline.engine import Engine
-
-    eng = Engine(dtype="float32", max_total_tokens=4096)
-    yield eng
-    eng.shutdown()
-
-
-def post(url: str, **body) -> requests.Response:
-    return requests.post(url + "/generate", json=body, timeout=180)
-
-
 def executor_state(dep) -> dict:
     return internal_state(dep.prefill)["disaggregation"]["executor"]
 
@@ -106,7 +93,7 @@ def test_outputs_identical_at_every_ratio(dep, engine, name):
     decode, url = dep.decodes[name], dep.urls[name]
     before = internal_state(decode)["disaggregation"]
     with ThreadPoolExecutor(6) as pool:
-        outs = list(pool.map(lambda i: post(url, input_ids=ids[i], sampling_params=sp[i]), range(6)))
+        outs = list(pool.map(lambda i: generate(url, input_ids=ids[i], sampling_params=sp[i]), range(6)))
     assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
     want = engine.generate(input_ids=ids, sampling_params=sp)
     assert [r.json()["output_ids"] for r in outs] == [w["output_ids"] for w in want]
@@ -165,6 +152,6 @@ def test_executor_killed_mid_decode_recomputes_locally(dep, engine):
     assert st["offload"]["fallbacks"] >= 1
     # new requests are still served (locally now), identical to the engine
     short = {**sp, "max_new_tokens": 8}
-    r = post(dep.urls["all"], input_ids=ids[:10], sampling_params=short)
+    r = generate(dep.urls["all"], input_ids=ids[:10], sampling_params=short)
     assert r.status_code == 200, r.text
     assert r.json()["output_ids"] == engine.generate(input_ids=ids[:10], sampling_params=short)["output_ids"]

@@ -25,7 +25,7 @@ import requests
 
 pytest.importorskip("sglang_router")
 
-from server_utils import Server, free_port, internal_state, wait_kv_free  # noqa: E402
+from server_utils import Server, free_port, generate, internal_state, wait_kv_free  # noqa: E402
 
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
@@ -82,19 +82,6 @@ def pair(tmp_path_factory):
         p.stop()
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from adrenaline.engine import Engine
-
-    eng = Engine(dtype="float32", max_total_tokens=4096)
-    yield eng
-    eng.shutdown()
-
-
-def post(url: str, **body) -> requests.Response:
-    return requests.post(url + "/generate", json=body, timeout=120)
-
-
 def prompts(n: int) -> list[list[int]]:
     from conftest import random_prompts
 
@@ -106,7 +93,7 @@ def test_concurrent_greedy_matches_single_instance(pair, engine):
     sp = [{"temperature": 0, "max_new_tokens": 4 + 3 * i, "ignore_eos": True} for i in range(8)]
     before = pd_state(pair.decode)
     with ThreadPoolExecutor(8) as pool:
-        outs = list(pool.map(lambda i: post(pair.url, input_ids=ids[i], sampling_params=sp[i]), range(8)))
+        outs = list(pool.map(lambda i: generate(pair.url, input_ids=ids[i], sampling_params=sp[i]), range(8)))
     assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
     want = engine.generate(input_ids=ids, sampling_params=sp)
     assert [r.json()["output_ids"] for r in outs] == [w["output_ids"] for w in want]
@@ -120,7 +107,7 @@ def test_concurrent_greedy_matches_single_instance(pair, engine):
 def test_text_streaming_and_logprobs(pair, engine):
     text = "The capital of France is"
     sp = {"temperature": 0, "max_new_tokens": 8}
-    full = post(pair.url, text=text, sampling_params=sp, return_logprob=True, logprob_start_len=0).json()
+    full = generate(pair.url, text=text, sampling_params=sp, return_logprob=True, logprob_start_len=0).json()
     want = engine.generate(text, sp, return_logprob=True, logprob_start_len=0)
     assert full["output_ids"] == want["output_ids"] and full["text"] == want["text"]
     m, w = full["meta_info"], want["meta_info"]
@@ -160,11 +147,11 @@ def test_openai_chat_through_router(pair):
 )
 def test_missing_or_malformed_bootstrap_is_a_client_error(pair, fields, message):
     for srv in (pair.prefill, pair.decode):
-        r = post(srv.url, text="hi", sampling_params={"max_new_tokens": 2}, **fields)
+        r = generate(srv.url, text="hi", sampling_params={"max_new_tokens": 2}, **fields)
         assert 400 <= r.status_code < 500, r.text
         assert message in r.text
     # warmup/health requests with SGLang's fake bootstrap host are served locally
-    r = post(pair.decode.url, text="hi", sampling_params={"max_new_tokens": 2}, bootstrap_host="2.2.2.2",
+    r = generate(pair.decode.url, text="hi", sampling_params={"max_new_tokens": 2}, bootstrap_host="2.2.2.2",
              bootstrap_room=0)  # fmt: skip
     assert r.status_code == 200 and len(r.json()["output_ids"]) == 2
 
@@ -199,7 +186,7 @@ def test_kill_prefill_fails_in_flight_then_recovers(pair, engine):
 
     def send(x):
         try:
-            results.append(post(pair.url, input_ids=x, sampling_params=sp).status_code)
+            results.append(generate(pair.url, input_ids=x, sampling_params=sp).status_code)
         except requests.RequestException as e:
             results.append(repr(e))
 
@@ -227,7 +214,7 @@ def test_kill_prefill_fails_in_flight_then_recovers(pair, engine):
     pair.prefill = pair._prefill(port=pair.prefill.port)
     pair.prefill.wait_ready()
     wait_serving(pair.router, pair.url)
-    r = post(pair.url, input_ids=ids[0], sampling_params=sp)
+    r = generate(pair.url, input_ids=ids[0], sampling_params=sp)
     assert (
         r.status_code == 200
         and r.json()["output_ids"] == engine.generate(input_ids=ids[0], sampling_params=sp)["output_ids"]
@@ -254,7 +241,7 @@ def test_two_prefill_two_decode_via_launch_pd(tmp_path, engine):
         ids = prompts(8)
         sp = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
         with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda x: post(url, input_ids=x, sampling_params=sp), ids))
+            outs = list(pool.map(lambda x: generate(url, input_ids=x, sampling_params=sp), ids))
         assert all(r.status_code == 200 for r in outs)
         want = engine.generate(input_ids=ids, sampling_params=sp)
         assert [r.json()["output_ids"] for r in outs] == [w["output_ids"] for w in want]

@@ -42,15 +42,6 @@ def server(tmp_path_factory):
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from adrenaline.engine import Engine
-
-    eng = Engine(dtype="float32", max_total_tokens=4096)
-    yield eng
-    eng.shutdown()
-
-
 # ---- generation -----------------------------------------------------------------------------------
 def test_generate_batch_greedy_matches_offline_engine(server, engine):
     r = generate(server, text=PROMPTS, sampling_params=GREEDY)
