@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -84,11 +85,17 @@ def internal_state(server: Server) -> dict:
     return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]
 
 
-def wait_kv_free(server: Server, timeout: float = 30) -> dict:
+def wait_until(fetch: Callable[[], dict], done: Callable[[dict], bool], timeout: float = 30) -> dict:
+    """Poll ``fetch`` until ``done`` holds for its result or ``timeout`` passes; the last result."""
     deadline = time.monotonic() + timeout
-    while True:
-        st = internal_state(server)
-        idle = st["num_running_reqs"] == 0 and st["num_waiting_reqs"] == 0
-        if (idle and st["kv_cache"]["num_used_pages"] == 0) or time.monotonic() > deadline:
-            return st
+    while not done(st := fetch()) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return st
+
+
+def wait_kv_free(server: Server, timeout: float = 30) -> dict:
+    def free(st: dict) -> bool:
+        idle = st["num_running_reqs"] == 0 and st["num_waiting_reqs"] == 0
+        return idle and st["kv_cache"]["num_used_pages"] == 0
+
+    return wait_until(lambda: internal_state(server), free, timeout)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,7 +18,7 @@ import requests
 
 pytest.importorskip("sglang_router")
 
-from server_utils import Server, free_port, generate, internal_state, wait_kv_free  # noqa: E402
+from server_utils import Server, free_port, generate, internal_state, wait_kv_free, wait_until  # noqa: E402
 
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
@@ -77,11 +76,8 @@ def executor_state(dep) -> dict:
     return internal_state(dep.prefill)["disaggregation"]["executor"]
 
 
-def wait_executor_free(dep, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while (st := executor_state(dep))["used_pages"] and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return st
+def wait_executor_free(dep) -> dict:
+    return wait_until(lambda: executor_state(dep), lambda st: st["used_pages"] == 0)
 
 
 @pytest.mark.parametrize("name", list(RATIOS))

@@ -12,11 +12,10 @@ batch size, the executor's peak KV usage, and the throughput ratio.
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 
 from adrenaline.bench.pd import internal_state, pd_pair
-from adrenaline.bench.serving import run_client
+from adrenaline.bench.serving import parse_args, run_client
 from adrenaline.models.default_model import resolve_model_path
 
 
@@ -42,8 +41,6 @@ class ExecutorWatch:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--input-len", type=int, default=32)
@@ -52,7 +49,7 @@ def main() -> None:
     ap.add_argument("--decode-max-total-tokens", type=int, default=1024)
     ap.add_argument("--ratio", default="4", help="--attention-offload-ratio of the offloading run")
     ap.add_argument("--log-dir", default=None)
-    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args, extra = parse_args(ap)
     model = resolve_model_path(None)
     decode_kv = ("--max-total-tokens", str(args.decode_max_total_tokens))
     modes = {

@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from contextlib import contextmanager
 
-from adrenaline.bench.serving import run_client, server
+from adrenaline.bench.serving import parse_args, run_client, server
 from adrenaline.launch_pd import Cluster, free_port, router_command, wait_healthy, wait_serving
 from adrenaline.models.default_model import resolve_model_path
 
@@ -71,14 +71,12 @@ def row(name: str, mix: str, res: dict, kv_per_req: float | None) -> str:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     ap.add_argument("--log-dir", default=None, help="keep the instances' logs here")
-    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args, extra = parse_args(ap)
     model = resolve_model_path(None)
     rows = []
     for mix in args.mixes:

@@ -110,16 +110,21 @@ FIELDS = [
 ]
 
 
-def main() -> None:
+def parse_args(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    """The benchmark's own flags, and the server flags after ``--``."""
     argv = sys.argv[1:]
-    server_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return ap.parse_args(argv[:cut]), argv[cut + 1 :]
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--output", default=None, help="append SGLang's JSON result to this file")
-    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args, server_args = parse_args(ap)
     model = resolve_model_path(None)
     if "--model-path" in server_args:
         model = server_args[server_args.index("--model-path") + 1]
