@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from adrenaline.launch_pd import free_port
+from adrenaline.procs import free_port, spawn
 
 STARTUP_TIMEOUT_S = 240
 
@@ -39,9 +39,7 @@ class Server:
         ]
         self.log = open(self.log_path, "w")
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
+        self.proc = spawn(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

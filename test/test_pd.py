@@ -25,7 +25,7 @@ import requests
 
 pytest.importorskip("sglang_router")
 
-from server_utils import Server, free_port, generate, internal_state, wait_kv_free  # noqa: E402
+from server_utils import Server, free_port, generate, internal_state, spawn, wait_kv_free  # noqa: E402
 
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
@@ -230,7 +230,7 @@ def test_two_prefill_two_decode_via_launch_pd(tmp_path, engine):
            "--pd-timeout", str(TIMEOUT_S)]  # fmt: skip
     log = open(tmp_path / "launch_pd.log", "w")  # noqa: SIM115
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # four instances on two cores
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 400

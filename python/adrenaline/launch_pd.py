@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+from adrenaline.procs import free_port, spawn
 
 HEALTH_TIMEOUT_S = 600
 Instance = tuple[str, list[str], dict]  # name, command, extra environment
@@ -37,10 +38,8 @@ class Cluster:
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
         log = open(os.path.join(self.log_dir, f"{name}.log"), "w") if self.log_dir else None  # noqa: SIM115
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT if log else None,
-            start_new_session=True,
-        )  # fmt: skip
+        err = subprocess.STDOUT if log else None
+        proc = spawn(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=err)
         self.procs.append((name, proc))
 
     def dead(self) -> str | None:
@@ -60,12 +59,6 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(cluster: Cluster, urls: list[str], timeout_s: float = HEALTH_TIMEOUT_S) -> None:

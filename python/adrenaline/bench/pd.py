@@ -19,8 +19,9 @@ import urllib.request
 from contextlib import contextmanager
 
 from adrenaline.bench.serving import parse_args, run_client, server
-from adrenaline.launch_pd import Cluster, free_port, router_command, wait_healthy, wait_serving
+from adrenaline.launch_pd import Cluster, router_command, wait_healthy, wait_serving
 from adrenaline.models.default_model import resolve_model_path
+from adrenaline.procs import free_port
 
 MIXES = {"decode-heavy": (64, 256), "prefill-heavy": (1024, 16)}
 

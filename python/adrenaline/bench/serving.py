@@ -21,8 +21,8 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
-from adrenaline.launch_pd import free_port
 from adrenaline.models.default_model import resolve_model_path
+from adrenaline.procs import free_port, spawn
 
 
 @contextmanager
@@ -38,7 +38,7 @@ def server(extra: list[str], port: int, timeout: float = 300):
         str(port),
         *extra,
     ]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = spawn(cmd)
     try:
         deadline = time.monotonic() + timeout
         while True:
