@@ -14,7 +14,7 @@ from torch import nn
 
 from adrenaline.model_config import ModelConfig
 from sgl_kernel_ext import apply_rope, fused_add_rms_norm, linear, rms_norm, rope_cos_sin_cache, silu_and_mul
-from sgl_kernel_ext.ops import rope_rows
+from sgl_kernel_ext.ops import pack_linear_weight, rope_rows
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -121,6 +121,15 @@ class LlamaForCausalLM(nn.Module):
         if logits_rows is not None:
             x = x[logits_rows]
         return linear(x, self.lm_head.weight).float()
+
+    def pack_linear_weights(self) -> None:
+        """Swap each projection's weight for its packed form where ``pack_linear_weight`` applies.
+
+        No second copy is kept, except for a tied LM head: the embedding lookup needs the plain one.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and (packed := pack_linear_weight(module.weight)) is not None:
+                module.weight = nn.Parameter(packed, requires_grad=False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

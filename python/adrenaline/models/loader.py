@@ -51,4 +51,5 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(_iter_safetensors(path, show_progress))
     model.cos_sin = LlamaForCausalLM.rope_cache(cfg).to(device)  # stays float32, like HF's
+    model.pack_linear_weights()
     return model.eval()

@@ -230,6 +230,8 @@ class ControlHandler:
         p = find_parameter(self.model, msg.name) if self.model is not None else None
         if p is None:
             logger.warning("get_weights_by_name: no parameter %r", msg.name)
+        if p is not None and p.is_mkldnn:  # a packed projection weight (pack_linear_weight)
+            p = p.to_dense()
         value = None if p is None else p.detach().float()[: msg.truncate_size].tolist()
         self.reply(io.GetWeightsByNameReqOutput(parameter=value), msg)
 
