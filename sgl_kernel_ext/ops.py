@@ -1,4 +1,5 @@
-"""Op dispatch: FlashInfer's fused CUDA kernels on GPU tensors, the torch reference elsewhere."""
+"""Op dispatch: FlashInfer's fused CUDA kernels on GPU tensors, our C++ kernels on CPU tensors
+(``cpu``), the torch reference where neither is available."""
 
 from __future__ import annotations
 
@@ -65,9 +66,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _cpu_ext(*tensors: torch.Tensor):
+    """The C++ CPU kernels where every tensor is a contiguous CPU one, else None."""
+    if any(t.is_cuda or not t.is_contiguous() for t in tensors):
+        return None
+    return cpu.kernels()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.is_cuda and (fi := _flashinfer()) is not None:
         return fi.norm.rmsnorm(x.contiguous(), weight, eps)
+    if x.dim() == 2 and (ext := _cpu_ext(x, weight)) is not None:
+        return ext.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
@@ -78,18 +88,23 @@ def fused_add_rms_norm(
         x = x.contiguous()
         fi.norm.fused_add_rmsnorm(x, residual, weight, eps)  # in place: x <- norm(x + r), r <- x + r
         return x, residual
+    if x.dim() == 2 and (ext := _cpu_ext(x, residual, weight)) is not None:
+        ext.fused_add_rms_norm(x, residual, weight, eps)  # in place, as FlashInfer's
+        return x, residual
     return reference.fused_add_rms_norm(x, residual, weight, eps)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda and (fi := _flashinfer()) is not None:
         return fi.activation.silu_and_mul(gate_up)
+    if gate_up.dim() == 2 and (ext := _cpu_ext(gate_up)) is not None:
+        return ext.silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
 
 
 def rope_rows(positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype):
-    """The per-forward table ``apply_rope`` takes as ``rows`` (None where FlashInfer reads the cache)."""
-    if positions.is_cuda and _flashinfer() is not None:
+    """The per-forward table ``apply_rope`` takes as ``rows`` (None where a kernel reads the cache)."""
+    if (positions.is_cuda and _flashinfer() is not None) or _cpu_ext(positions) is not None:
         return None
     return reference.rope_rows(positions, cos_sin, dtype)
 
@@ -107,6 +122,8 @@ def apply_rope(
         q2, k2 = q.reshape(t, hq * d).contiguous(), k.reshape(t, hk * d).contiguous()
         fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q2, k2, d, cos_sin, is_neox=True)
         return q2.view(t, hq, d), k2.view(t, hk, d)
+    if rows is None and (ext := _cpu_ext(positions, cos_sin)) is not None:
+        return tuple(ext.apply_rope(q, k, positions, cos_sin))
     return reference.apply_rope(q, k, positions, cos_sin, rows)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from sgl_kernel_ext import reference
 from sgl_kernel_ext.cpu import kernels
-from sgl_kernel_ext.ops import linear, pack_linear_weight
+from sgl_kernel_ext.ops import linear, pack_linear_weight, rope_cos_sin_cache
 
 
 @pytest.mark.skipif(kernels() is None, reason="no C++ compiler to build the CPU kernels")
@@ -43,3 +43,40 @@ def test_packed_linear_equals_plain(rows, with_bias):
     packed = pack_linear_weight(w)
     assert packed.is_mkldnn and torch.equal(packed.to_dense(), w)
     assert torch.equal(linear(x, packed, b), torch.nn.functional.linear(x, w, b))
+
+
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C++ compiler to build the CPU kernels")
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_norms_and_activation_match_reference(dtype, tol, rows):
+    g = torch.Generator().manual_seed(rows)
+    x, r = (torch.randn(rows, 576, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(576, generator=g).to(dtype)
+    close = lambda a, b: torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+    assert close(kernels().rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
+    want_normed, want_res = reference.fused_add_rms_norm(x, r, w, 1e-5)
+    got_normed, got_res = x.clone(), r.clone()
+    kernels().fused_add_rms_norm(got_normed, got_res, w, 1e-5)  # in place
+    assert torch.equal(got_res, want_res) and close(got_normed, want_normed)
+    gate_up = torch.randn(rows, 2 * 1536, generator=g).to(dtype)
+    assert close(kernels().silu_and_mul(gate_up), reference.silu_and_mul(gate_up))
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C++ compiler to build the CPU kernels")
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_rope_on_strided_qkv_views_matches_reference(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    t, hq, hk, d = 37, 9, 3, 64
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cache = rope_cos_sin_cache(inv_freq, 512)
+    pos = torch.randint(0, 512, (t,), generator=g)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(dtype)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)  # row-strided views, as in the model
+    q, k = q.view(t, hq, d), k.view(t, hk, d)
+    got_q, got_k = kernels().apply_rope(q, k, pos, cache)
+    want_q, want_k = reference.apply_rope(q, k, pos, cache)
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        assert got.is_contiguous() and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
