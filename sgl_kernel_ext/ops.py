@@ -41,8 +41,8 @@ PACK_ROWS_HINT = 16  # oneDNN picks the packed layout for this many input rows (
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's packed (blocked) layout of a CPU bf16/fp16 linear weight; None where not applicable.
 
-    A plain-layout weight costs oneDNN a reorder in every call; packed once at load, decode-size
-    GEMMs run 25-35% faster here (docs/benchmarks.md). Same kernel, same results.
+    Packed once at load, decode-size GEMMs ran 25-35% faster here than ``F.linear`` on the plain
+    weight (docs/benchmarks.md), with bit-identical results.
     """
     if weight.device.type != "cpu" or not cpu_has_low_precision_fma():
         return None

@@ -1,5 +1,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 
 // The per-layer elementwise ops of a Llama decoder, one pass each instead of 5-8 torch ops (each a
