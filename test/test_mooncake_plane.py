@@ -16,6 +16,7 @@ import torch
 
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.procs import spawn
+from adrenaline.transport import mooncake_engine
 from adrenaline.transport.base import PeerTimeout, TransportError
 from adrenaline.transport.mooncake_engine import MooncakeEngine, RegionError, load_mooncake, mooncake_missing
 from adrenaline.transport.mooncake_kv import KVPlaneDescriptor, LayoutMismatch, MooncakeKVPlane
@@ -137,6 +138,17 @@ def test_rooms_announced_once_each_in_process(planes):
     assert dst.done_rooms() == []
     assert_pages_equal(src.pool.k, dst.pool.k, [0, 1, 2, 3, 4, 8], [5, 6, 7, 0, 1, 2])
     assert_pages_equal(src.pool.v, dst.pool.v, [0, 1, 2, 3, 4, 8], [5, 6, 7, 0, 1, 2])
+
+
+def test_long_page_lists_go_in_several_batches_one_notice(planes, monkeypatch):
+    monkeypatch.setattr(mooncake_engine, "MAX_BATCH", 4)  # the engine's lane rejects ~3000 entries
+    src, dst = planes
+    session = src.connect(dst.descriptor())
+    sp, dp = [0, 2, 4, 6, 8, 9], [11, 1, 7, 3, 5, 0]  # 6 runs x 6 tensors: 36 entries, 9 batches
+    src.write_pages(session, sp, dp, room=21)
+    src.write_pages(session, [], [], room=22)
+    assert wait_rooms(dst, 2) == [21, 22]  # in order: only the last batch rang
+    assert_pages_equal(src.pool.k + src.pool.v, dst.pool.k + dst.pool.v, sp, dp)
 
 
 @pytest.mark.parametrize("src_pages, dst_pages", [([0, 1], [11, 12]), ([0], [-1]), ([10], [0])])

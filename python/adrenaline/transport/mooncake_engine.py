@@ -29,6 +29,9 @@ INSTALL_HINT = (
 PROTOCOLS = ("tcp", "rdma", "nvlink", "nvlink_intra")
 # Read by the engine when it is created; each is capped at our timeout (whole seconds, >= 1).
 TIMEOUT_VARS = ("MC_TRANSFER_TIMEOUT", "MC_TCP_PROGRESS_TIMEOUT_SEC", "MC_HANDSHAKE_CONNECT_TIMEOUT")
+# Entries per batched write: the engine's TCP lane rejects a batch of ~3000 (queue full) and stays
+# full for a moment, so longer lists go in several sync batches.
+MAX_BATCH = 1024
 _NVLINK_FLAGS = {"nvlink": "SUPPORT_MNNVL", "nvlink_intra": "SUPPORT_INTRA_NVLINK"}
 
 
@@ -161,9 +164,9 @@ class MooncakeEngine:
     def write(
         self,
         session: str,
-        srcs: Sequence[int],
-        dsts: Sequence[int],
-        lens: Sequence[int],
+        srcs: list[int],
+        dsts: list[int],
+        lens: list[int],
         peer_regions: Sequence[Region],
         notify: tuple[str, str] | None = None,
     ) -> None:
@@ -172,18 +175,16 @@ class MooncakeEngine:
         check_bounds(self._regions, srcs, lens)
         check_bounds(peer_regions, dsts, lens)
         te, mc = self.te, self._mc
-        if lens:
-            note = mc.TransferNotify(*notify) if notify else None
-            rc = te.batch_transfer_sync(
-                session, list(srcs), list(dsts), list(lens), mc.TransferOpcode.Write, note
-            )
-        elif notify:  # a zero-length write carries the notice (a batch needs at least one entry)
+        op = mc.TransferOpcode.Write
+        for i in range(0, len(lens), MAX_BATCH):
+            part = slice(i, i + MAX_BATCH)
+            note = mc.TransferNotify(*notify) if notify and part.stop >= len(lens) else None
+            if te.batch_transfer_sync(session, srcs[part], dsts[part], lens[part], op, note) != 0:
+                raise TransportError(f"Mooncake write of {sum(lens)} bytes to {session} failed")
+        if notify and not lens:  # a zero-length write carries the notice (a batch needs an entry)
             src, dst = self._regions[0].addr, peer_regions[0].addr
-            rc = te.transfer_sync(session, src, dst, 0, mc.TransferOpcode.Write, mc.TransferNotify(*notify))
-        else:
-            return
-        if rc != 0:
-            raise TransportError(f"Mooncake write of {sum(lens)} bytes to {session} failed (code {rc})")
+            if te.transfer_sync(session, src, dst, 0, op, mc.TransferNotify(*notify)) != 0:
+                raise TransportError(f"Mooncake notice to {session} failed")
 
     def take(self, name: str) -> list[str]:
         """Messages of the notices named ``name`` that arrived since the last call, in order."""
