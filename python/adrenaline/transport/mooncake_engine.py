@@ -45,6 +45,7 @@ class RegionError(TransportError):
 
 def load_mooncake() -> Any:
     """The ``mooncake.engine`` module, or MooncakeUnavailable saying how to install it."""
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")  # read at import: no INFO lines per engine
     try:
         from mooncake import engine
     except (ImportError, OSError) as e:

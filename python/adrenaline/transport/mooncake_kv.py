@@ -38,16 +38,7 @@ class KVPageLayout(msgspec.Struct, frozen=True):
     num_pages: int  # may differ between the sides; bounds the writes into this pool
 
     def page_bytes(self) -> int:
-        return (
-            self.page_size
-            * self.kv_heads
-            * self.head_dim
-            * torch.empty(0, dtype=self.torch_dtype).element_size()
-        )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return self.page_size * self.kv_heads * self.head_dim * getattr(torch, self.dtype).itemsize
 
     def same_pages(self, other: KVPageLayout) -> bool:
         return msgspec.structs.replace(self, num_pages=0) == msgspec.structs.replace(other, num_pages=0)
@@ -147,6 +138,8 @@ class MooncakeKVPlane:
                 dsts.append(theirs + d * pb)
                 lens.append(n * pb)
         notify = (KV_DONE_NOTICE, str(room)) if room is not None else None
+        if self.pool.device.type == "cuda":  # the engine reads the pool itself: kernels must be done
+            torch.cuda.synchronize(self.pool.device)
         try:
             self.engine.write(session, srcs, dsts, lens, peer.regions(), notify)
         except RegionError:

@@ -90,11 +90,9 @@ class _Side:
         if rows is not None:
             n = rows.shape[0]
             b.send[:n].copy_(rows)
-            srcs, dsts, lens = (
-                [b.regions[0].addr],
-                [b.peer.addr],
-                [n * b.send[0].numel() * b.send.element_size()],
-            )
+            if b.send.is_cuda:  # the engine reads the buffer itself: the copy must have finished
+                torch.cuda.current_stream(b.send.device).synchronize()
+            srcs, dsts, lens = [b.regions[0].addr], [b.peer.addr], [b.send[:n].nbytes]
             meta = {**meta, "rows": n}
         note = (_channel(self.engine.session), msgspec.json.encode(meta).decode())
         self.engine.write(b.peer.session, srcs, dsts, lens, [Region(b.peer.addr, b.peer.nbytes)], note)
