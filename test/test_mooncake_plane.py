@@ -220,6 +220,9 @@ def test_offload_exchange_round_trip(engines):
             link.wait(2, timeout_s=0.2)
         link.free([4, 9])
         assert [e.meta for e in poll_until(server, 2)][1] == {"kind": "free", "rooms": [4, 9]}
+        server.detach(events[0].peer)  # the executor dropped this decode side: its buffer is gone
+        with pytest.raises(TransportError):
+            link.submit(0, qkv)
     finally:
         link.close()
         server.close()

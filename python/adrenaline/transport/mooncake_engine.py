@@ -29,6 +29,7 @@ INSTALL_HINT = (
 PROTOCOLS = ("tcp", "rdma", "nvlink", "nvlink_intra")
 # Read by the engine when it is created; each is capped at our timeout (whole seconds, >= 1).
 TIMEOUT_VARS = ("MC_TRANSFER_TIMEOUT", "MC_TCP_PROGRESS_TIMEOUT_SEC", "MC_HANDSHAKE_CONNECT_TIMEOUT")
+_USER_TIMEOUTS = {var: os.environ.get(var, "") for var in TIMEOUT_VARS}
 # Entries per batched write: the engine's TCP lane rejects a batch of ~3000 (queue full) and stays
 # full for a moment, so longer lists go in several sync batches.
 MAX_BATCH = 1024
@@ -93,10 +94,10 @@ def check_protocol(mc: Any, te: Any, protocol: str, device: str) -> None:
 
 
 def _cap_timeouts(timeout_s: float) -> None:
+    """Set the engine's timeouts for the next engine: ours, or the user's where that is shorter."""
     cap = max(1, int(timeout_s))
-    for var in TIMEOUT_VARS:
-        cur = os.environ.get(var, "")
-        os.environ[var] = str(min(cap, int(cur)) if cur.isdigit() else cap)
+    for var, user in _USER_TIMEOUTS.items():
+        os.environ[var] = str(min(cap, int(user)) if user.isdigit() else cap)
 
 
 @dataclass(frozen=True)
