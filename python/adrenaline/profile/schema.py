@@ -15,15 +15,21 @@ JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per sec
       "local_attention":    {"batch": [...], "context": [...], "ms": [[...] per batch]},
       "executor_attention": {"batch": [...], "context": [...], "ms": [[...] per batch]},
       "executor_threads_scaling": {"x": [threads...], "y": [ms of one reference attention]},
-      "exchange":           {"x": [rows...],   "y": [ms per layer round trip, attention excluded]},
-      "prefill_interference": {"x": [busy executor threads...], "y": [prefill tokens/s]},
+      "exchange":           {"x": [rows...],   "y": [ms per layer round trip, one KV page per row]},
+      "prefill_interference": {"x": [cores held by executor load], "y": [prefill tokens/s, rest]},
       "created": "2026-11-29T18:00:00Z"
     }
 
-``local_attention`` and ``executor_attention`` are per layer, on a (batch, total context) grid:
+``local_attention`` (at all usable cores, as the decode side runs) and ``executor_attention`` (at
+``executor_threads``) are per layer, on a (batch, total context) grid:
 ``context`` is the sum of the batch's KV lengths, ``ms[i][j]`` the time at ``batch[i]`` and
 ``context[j]``. A decode step of ``b`` local requests with total context ``c`` thus costs about
 ``decode_dense(b) + num_layers * local_attention(b, c)``.
+
+Times are the fastest of a few runs, made non-decreasing along each axis by the profiler (more
+work never costs less; a noisy dip would mislead the policy). ``executor_threads_scaling`` and
+``prefill_interference`` are stored as measured: the prefill runs on the cores the executor-like
+load leaves (x = 0: all of them).
 
 Lookups interpolate linearly and extrapolate the end segments linearly (never below zero), so a
 load beyond the profiled range is priced at the trend of the measured points, not clamped.
