@@ -11,6 +11,7 @@ import random
 import pytest
 
 from adrenaline.offload import paper_bounds
+from adrenaline.offload.ledger import ExecutorLedger
 from adrenaline.offload.load_aware import Candidate, ExecutorLoad, LoadAwarePolicy, LoadView, Reason, Slo
 from adrenaline.profile.schema import Curve, Grid, Profile
 
@@ -180,3 +181,37 @@ def test_paper_bounds_on_the_synthetic_profile():
     assert bw == 2.0  # the synthetic executor attends twice as fast
     assert paper_bounds.c2((8, 8192), (4, 4096), bw) and not paper_bounds.c2((9, 8192), (4, 4096), bw)
     assert paper_bounds.c1(1000, 2000, 0.5) and not paper_bounds.c1(1001, 2000, 0.5)
+
+
+def test_executor_ledger_never_overcommits_and_agrees_with_fresh_decode_decisions():
+    rng = random.Random(1)
+    ledger = ExecutorLedger(capacity_tokens=40_000, reserve_tokens=4_000)
+    clients = ["d0", "d1", "d2"]
+    policies = {c: LoadAwarePolicy(profile()) for c in clients}
+    live: list[tuple[str, int, int]] = []  # (client, request, tokens)
+    for request in range(500):
+        client = rng.choice(clients[: 1 + request // 100])  # decode instances join over time
+        cand = Candidate(rng.randrange(1, 3000), rng.randrange(1, 2000))
+        d = policies[client].decide(view(executor(**ledger.report(client))), cand)
+        reason = ledger.admit(client, request, cand.future_tokens)
+        assert reason is d.reason  # a fresh report: the decode side predicts the executor's answer
+        if reason is Reason.OK:
+            live.append((client, request, cand.future_tokens))
+        assert ledger.committed == sum(t for _, _, t in live) <= 36_000
+        if live and rng.random() < 0.45:
+            c, r, t = live.pop(rng.randrange(len(live)))
+            ledger.release(r)
+            policies[c].release("e0", t)
+    assert ledger.counts[Reason.OK] > 100 and ledger.counts[Reason.FAIR_SHARE] > 10, ledger.counts
+
+
+def test_a_newcomer_gets_an_equal_share_of_the_ledger():
+    ledger = ExecutorLedger(capacity_tokens=1000)
+    assert ledger.admit("d0", 0, 900) is Reason.OK  # alone: the whole room
+    assert ledger.admit("d1", 1, 101) is Reason.MEMORY
+    assert ledger.admit("d1", 1, 100) is Reason.OK
+    ledger.release(0)
+    assert ledger.admit("d0", 2, 501) is Reason.FAIR_SHARE  # two now: 500 each
+    assert ledger.admit("d0", 2, 500) is Reason.OK
+    report = {"capacity_tokens": 1000, "reserve_tokens": 0, "committed_tokens": 600, "seen_ours_tokens": 100}
+    assert ledger.report("d1") == {**report, "clients": 2}

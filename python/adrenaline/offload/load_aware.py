@@ -47,17 +47,23 @@ class ExecutorLoad:
     """One executor as the decode side sees it (its last report plus our own state)."""
 
     name: str
+    # memory, as ``ExecutorLedger.report`` gives it
     capacity_tokens: int  # KV tokens its pool holds
     reserve_tokens: int = 0  # kept for its prefill instance's own work
     committed_tokens: int = 0  # future KV (prompt + max_new) of all offloaded requests it holds
     seen_ours_tokens: int = 0  # the part of committed_tokens it counts as ours
-    clients: int = 1  # decode instances it serves
+    clients: int = 1  # decode instances sharing it (fair share of the room each)
     batch: int = 0  # offloaded requests it runs per step, all clients, queued included
     context: int = 0  # their total KV length now
     measured_ms: float | None = None  # attention + exchange per layer last measured for `batch`
     prefill_queue: list[int] = field(default_factory=list)  # recent queue lengths, oldest first
     ttft_ms: list[float] = field(default_factory=list)  # recent TTFTs, oldest first
     reachable: bool = True
+
+    @property
+    def free_tokens(self) -> int:
+        """Room for new commitments as reported (ours made since not counted)."""
+        return self.capacity_tokens - self.reserve_tokens - self.committed_tokens
 
 
 @dataclass
@@ -129,7 +135,10 @@ class LoadAwarePolicy:
 
     # ---- the decision -------------------------------------------------------------------------
     def decide(self, view: LoadView, cand: Candidate) -> Decision:
-        """Offload ``cand`` to the least-loaded executor passing every bound, or keep it local."""
+        """Offload ``cand`` to the least-loaded executor passing every bound, or keep it local.
+
+        An offload commits the request's future KV on that executor until ``release``; call it
+        also when the decision is not carried out (the executor refused, the request aborted)."""
         options = sorted(
             (self._check(view, ex, cand) for ex in view.executors if ex.reachable),
             key=lambda d: (d.reason is not Reason.OK, d.predicted_ms),
@@ -157,11 +166,11 @@ class LoadAwarePolicy:
 
     # ---- the bounds, each None when it holds --------------------------------------------------
     def _memory(self, ex: ExecutorLoad, cand: Candidate) -> Reason | None:
-        room = ex.capacity_tokens - ex.reserve_tokens
         unseen = max(0, self.ours[ex.name] - ex.seen_ours_tokens)  # ours it has not reported yet
-        if ex.committed_tokens + unseen + cand.future_tokens > room:
+        if unseen + cand.future_tokens > ex.free_tokens:
             return Reason.MEMORY
-        if self.ours[ex.name] + cand.future_tokens > room / max(ex.clients, 1):
+        share = (ex.capacity_tokens - ex.reserve_tokens) / max(ex.clients, 1)
+        if self.ours[ex.name] + cand.future_tokens > share:
             return Reason.FAIR_SHARE
         return None
 
