@@ -31,6 +31,7 @@ class Deployment:
     prefill_kv_tokens: int | None = None  # None: the same; with offloading, what the executor leaves
     offload: bool = False
     executor_kv_fraction: float = 0.8  # of the prefill GPU's KV memory, given to the executor
+    executor_kv_tokens: int | None = None  # None: that fraction
     executor_share: float = 0.3  # SM share of the executor on the prefill GPU
     concurrency: int = 0  # closed loop clients when the workload has no arrival times
 
@@ -50,7 +51,7 @@ class Cluster:
         self.cost, self.dep, self.loop = cost, dep, EventLoop()
         decider = decider or Never()
         cap = cost.kv_capacity_tokens()
-        exec_tokens = int(cap * dep.executor_kv_fraction) if dep.offload else 0
+        exec_tokens = (dep.executor_kv_tokens or int(cap * dep.executor_kv_fraction)) if dep.offload else 0
         prefill_tokens = dep.prefill_kv_tokens or cap - exec_tokens
         self.executors = [
             Executor(exec_tokens, dep.page_size, dep.executor_share) if dep.offload else None

@@ -22,6 +22,10 @@ INLINE_CONFIGS: dict[str, dict] = {
                    "num_attention_heads": 32, "num_key_value_heads": 8},
     "llama-3-70b": {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                     "num_attention_heads": 64, "num_key_value_heads": 8},
+    # the project's default model (SmolLM2-135M-Instruct), for measured CPU profiles
+    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+                     "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "tie_word_embeddings": True, "max_position_embeddings": 8192},
 }  # fmt: skip
 
 
