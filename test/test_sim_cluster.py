@@ -101,14 +101,16 @@ def test_load_aware_decisions_equal_the_runtime_policy_on_the_same_inputs():
             log.append(("decide", view, cand, got))
             return got
 
-        def released(self, req):
-            log.append(("release", str(req.offload), req.spec.input_len + req.spec.max_new_tokens))
-            super().released(req)
+        def released(self, req, executor):
+            log.append(("release", str(executor), req.spec.input_len + req.spec.max_new_tokens))
+            super().released(req, executor)
 
     profile = profile_of(COST, 0.5)  # an executor as fast as the decode side's attention
     slo = Slo(tpot_ms=60.0)
     dep = Deployment(prefill=2, decode=2, offload=True, concurrency=300, executor_share=0.5)
-    run_checked(dep, Recording(profile, slo, dep.decode), synthetic("sharegpt", 400, None, seed=4))
+    decider = Recording(profile, slo, dep.decode)
+    run_checked(dep, decider, synthetic("sharegpt", 400, None, seed=4))
+    assert not +decider.policy.ours  # every commitment released: nothing offloaded at the end
     ref = LoadAwarePolicy(profile, slo)
     decisions = []
     for entry in log:

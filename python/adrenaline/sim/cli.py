@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields
 
 from adrenaline.offload.load_aware import Slo
 from adrenaline.profile.schema import load_profile
@@ -26,6 +27,8 @@ from adrenaline.sim.recommend import recommend
 from adrenaline.sim.report import gain, plot_runs, table
 from adrenaline.sim.run import Setup
 from adrenaline.sim.workload import SHAPES, read_log, synthetic
+
+DERIVED = ("chunk_budget", "concurrency")  # Deployment fields whose default depends on other flags
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,20 +89,9 @@ def setup_from(args: argparse.Namespace) -> Setup:
         model = ModelSpec.load(args.model or "llama-2-7b")
         cost = AnalyticCost(model, gpu(args.hardware, args.link), args.tp, Assumptions())
         chunk = args.chunk_budget or 8192
-    dep = Deployment(
-        prefill=args.prefill,
-        decode=args.decode,
-        page_size=args.page_size,
-        chunk_budget=chunk,
-        max_running=args.max_running,
-        decode_kv_tokens=args.decode_kv_tokens,
-        prefill_kv_tokens=args.prefill_kv_tokens,
-        offload=args.offload,
-        executor_kv_fraction=args.executor_kv_fraction,
-        executor_kv_tokens=args.executor_kv_tokens,
-        executor_share=args.executor_share,
-        concurrency=args.concurrency or 2 * args.max_running * args.decode,
-    )
+    same = {f.name: getattr(args, f.name) for f in fields(Deployment) if f.name not in DERIVED}
+    conc = args.concurrency or 2 * args.max_running * args.decode
+    dep = Deployment(**same, chunk_budget=chunk, concurrency=conc)
     slo = Slo(args.tpot_slo_ms, args.ttft_slo_ms)
     return Setup(cost, dep, args.offload_policy, args.offload_ratio, args.max_offloaded, slo, prof)
 

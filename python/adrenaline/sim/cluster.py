@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from adrenaline.sim.cost import CostModel
 from adrenaline.sim.decode import DecodeInstance
 from adrenaline.sim.engine import EventLoop
+from adrenaline.sim.instance import Env
 from adrenaline.sim.policy import Decider, Never
 from adrenaline.sim.prefill import Executor, PrefillInstance
 from adrenaline.sim.request import SimReq
@@ -57,19 +58,18 @@ class Cluster:
             Executor(exec_tokens, dep.page_size, dep.executor_share) if dep.offload else None
             for _ in range(dep.prefill)
         ]
+        env = Env(self.loop, cost, dep.page_size, dep.chunk_budget)
         self.prefills = [
-            PrefillInstance(
-                i, self.loop, cost, prefill_tokens, dep.page_size, dep.chunk_budget, self._prefilled, ex
-            )
+            PrefillInstance(i, env, prefill_tokens, self._prefilled, ex)
             for i, ex in enumerate(self.executors)
         ]
+        dec_tokens = dep.decode_kv_tokens or cap
         self.decodes = [
             DecodeInstance(
-                i, self.loop, cost, dep.decode_kv_tokens or cap, dep.page_size, dep.chunk_budget,
-                dep.max_running, decider, self.executors, self._admitted, self._finished,
+                i, env, dec_tokens, dep.max_running, decider, self.executors, self._admitted, self._finished
             )
             for i in range(dep.decode)
-        ]  # fmt: skip
+        ]
         decider.bind(self.prefills)
         self.requests: list[SimReq] = []
         self.samples: list[Sample] = []

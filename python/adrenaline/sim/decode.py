@@ -14,43 +14,38 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from adrenaline.scheduler.headroom import Headroom
-from adrenaline.sim.cost import CostModel, decode_step_time
-from adrenaline.sim.engine import EventLoop
+from adrenaline.sim.cost import decode_step_time
+from adrenaline.sim.instance import Env, Instance, pages_for
 from adrenaline.sim.policy import Decider
-from adrenaline.sim.prefill import Executor, pages_for
+from adrenaline.sim.prefill import Executor
 from adrenaline.sim.request import SimReq
 
 
-class DecodeInstance:
+class DecodeInstance(Instance):
     def __init__(
         self,
         idx: int,
-        loop: EventLoop,
-        cost: CostModel,
+        env: Env,
         pool_tokens: int,
-        page_size: int,
-        chunk_budget: int,
         max_running: int,
         decider: Decider,
         executors: Sequence[Executor | None],
         on_admitted: Callable[[SimReq], None],
         on_finished: Callable[[SimReq], None],
     ) -> None:
-        self.idx, self.loop, self.cost, self.page_size = idx, loop, cost, page_size
-        self.num_pages = self.free = pool_tokens // page_size
-        self.chunk_budget, self.max_running, self.decider = chunk_budget, max_running, decider
+        super().__init__(idx, env, pool_tokens)
+        self.max_running, self.decider = max_running, decider
         self.executors, self.on_admitted, self.on_finished = executors, on_admitted, on_finished
-        self.headroom = Headroom(page_size, pool_tokens)
+        self.headroom = Headroom(env.page_size, pool_tokens)
         self.pending: deque[SimReq] = deque()
         self.inflight: dict[int, SimReq] = {}
         self.running: list[SimReq] = []
         self.waiting: deque[SimReq] = deque()  # retracted, recomputed here
-        self.busy = False
         # [running requests' headroom, KV on its way's headroom] in pages: the sums the runtime
         # recomputes per admission, cached until a step, a retraction or an arrival changes them.
         self._room: list[int] | None = None
-        self.steps = self.batched = self.retractions = self.fallbacks = 0
-        self.busy_time = self.exposed_remote = 0.0  # exposed: remote attention beyond local
+        self.batched = self.retractions = self.fallbacks = 0
+        self.exposed_remote = 0.0  # remote attention + exchange beyond the local attention
 
     # ---- admission ----------------------------------------------------------------------------
     def add(self, req: SimReq) -> None:
@@ -72,6 +67,7 @@ class DecodeInstance:
                     req.offload = req.prefill
                 else:  # no executor room: the prefill side says so and it is taken locally
                     req.may_offload = False
+                    self.decider.released(req, req.prefill)
             need = 0 if req.offload is not None else pages_for(req.spec.input_len, self.page_size)
             if need > self.free:
                 return
@@ -118,7 +114,7 @@ class DecodeInstance:
     def _release(self, req: SimReq) -> None:
         if req.offload is not None:
             self.executors[req.offload].release(req)
-            self.decider.released(req)
+            self.decider.released(req, req.offload)
             req.offload = None
         self.free += req.held
         req.held = req.num_computed = 0
@@ -215,8 +211,3 @@ class DecodeInstance:
         self._release(req)
         req.finished = self.loop.now
         self.on_finished(req)
-
-    # ---- load -----------------------------------------------------------------------------------
-    @property
-    def used_tokens(self) -> int:
-        return (self.num_pages - self.free) * self.page_size

@@ -25,8 +25,8 @@ class Decider(Protocol):
     def choose(self, dec: DecodeInstance, req: SimReq) -> bool:
         """Whether ``req`` (about to be admitted by ``dec``) offloads to its prefill's executor."""
 
-    def released(self, req: SimReq) -> None:
-        """An offloaded request left its executor."""
+    def released(self, req: SimReq, executor: int) -> None:
+        """An offloaded request left ``executor``, or never reached it (the executor refused)."""
 
     def bind(self, prefills: Sequence[PrefillInstance]) -> None:
         """The cluster's prefill instances (their executors' and queues' state)."""
@@ -36,7 +36,7 @@ class Never:
     def choose(self, dec: DecodeInstance, req: SimReq) -> bool:
         return False
 
-    def released(self, req: SimReq) -> None:
+    def released(self, req: SimReq, executor: int) -> None:
         pass
 
     def bind(self, prefills: Sequence[PrefillInstance]) -> None:
@@ -87,8 +87,8 @@ class LoadAware(Never):
         self.last = self.view(dec, req)
         return self.policy.decide(*self.last).executor is not None
 
-    def released(self, req: SimReq) -> None:
-        self.policy.release(str(req.offload), req.spec.input_len + req.spec.max_new_tokens)
+    def released(self, req: SimReq, executor: int) -> None:
+        self.policy.release(str(executor), req.spec.input_len + req.spec.max_new_tokens)
 
 
 def make_decider(

@@ -12,19 +12,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from adrenaline.sim.cost import CostModel
-from adrenaline.sim.engine import EventLoop
+from adrenaline.sim.instance import Env, Instance, PagePool, pages_for
 from adrenaline.sim.request import SimReq
 
 
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
-
-
-class Executor:
+class Executor(PagePool):
     def __init__(self, pool_tokens: int, page_size: int, share: float) -> None:
-        self.num_pages, self.page_size, self.share = pool_tokens // page_size, page_size, share
-        self.free = self.num_pages
+        super().__init__(pool_tokens, page_size)
+        self.share = share
         self.held: dict[int, int] = {}  # rid -> pages
         self.reqs: dict[int, SimReq] = {}
         self.committed = 0  # future KV (prompt + max_new_tokens) of the requests held
@@ -54,35 +49,24 @@ class Executor:
             if not self.clients[req.decode]:
                 del self.clients[req.decode]
 
-    @property
-    def used_tokens(self) -> int:
-        return (self.num_pages - self.free) * self.page_size
 
-
-class PrefillInstance:
+class PrefillInstance(Instance):
     def __init__(
         self,
         idx: int,
-        loop: EventLoop,
-        cost: CostModel,
+        env: Env,
         pool_tokens: int,
-        page_size: int,
-        chunk_budget: int,
         on_prefilled: Callable[[SimReq], None],
         executor: Executor | None = None,
     ) -> None:
-        self.idx, self.loop, self.cost, self.page_size = idx, loop, cost, page_size
-        self.num_pages = self.free = pool_tokens // page_size
-        self.chunk_budget, self.on_prefilled, self.executor = chunk_budget, on_prefilled, executor
+        super().__init__(idx, env, pool_tokens)
+        self.on_prefilled, self.executor = on_prefilled, executor
         self.waiting: deque[SimReq] = deque()
         self.partial: list[tuple[SimReq, int]] = []  # admitted prompts and tokens computed so far
         self.held: dict[int, int] = {}
         # what its executor reports to the decode side: recent queue lengths and TTFTs
         self.queue_history: deque[int] = deque(maxlen=8)
         self.ttft_history: deque[float] = deque(maxlen=8)
-        self.busy = False
-        self.busy_time = 0.0
-        self.steps = 0
         self.bytes_moved = 0.0  # weights read + KV written (bandwidth accounting)
 
     def add(self, req: SimReq) -> None:
@@ -146,7 +130,3 @@ class PrefillInstance:
         self.partial = still
         self.queue_history.append(len(self.waiting))
         self._step()
-
-    @property
-    def used_tokens(self) -> int:
-        return (self.num_pages - self.free) * self.page_size
