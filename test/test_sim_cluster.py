@@ -9,6 +9,7 @@ import pytest
 
 from adrenaline.offload.load_aware import LoadAwarePolicy, Slo
 from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.profile.schema import save_profile
 from adrenaline.sim.cli import main
 from adrenaline.sim.cluster import Cluster, Deployment
 from adrenaline.sim.cost import AnalyticCost
@@ -130,3 +131,33 @@ def test_cli_compare_offload_prints_the_gain(capsys, extra):
     assert "plain PD" in out and "offload" in out
     line = [x for x in out.splitlines() if x.startswith("gain: ")][0]
     assert line.split()[1].endswith("x") and float(line.split()[1][:-1]) > 0
+
+
+def test_cli_predicts_a_measured_run_from_a_profile_and_a_request_log(tmp_path, capsys):
+    """The lead's validation command: a profile JSON + a bench request log -> the three figures."""
+    save_profile(profile_of(COST, 0.5), tmp_path / "prof.json")
+    write_log(tmp_path / "log.jsonl", synthetic("sharegpt", 60, rate=20.0, seed=5))
+    args = [
+        "--profile",
+        str(tmp_path / "prof.json"),
+        "--model",
+        "llama-2-7b",
+        "--replay",
+        str(tmp_path / "log.jsonl"),
+    ]
+    main([*args, "--decode-kv-tokens", "20000", "--offload", "--offload-ratio", "1"])
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.startswith("predicted: ")][0]
+    assert "output tok/s" in line and "TPOT p50" in line and "mean decode batch" in line
+
+
+def test_a_partitioned_executor_slows_prefill_more_than_an_mps_capped_one():
+    """Under MPS the prefill loses the executor's share only while the executor runs; with green
+    contexts it loses it whenever offloaded work exists (a prefill-bound layout shows it)."""
+    specs = synthetic("long-prompt", 200, rate=None, seed=6)
+    busy = {}
+    for part in ("mps", "green-context"):
+        dep = Deployment(prefill=1, decode=3, offload=True, concurrency=300, sm_partition=part)
+        c = run_checked(dep, Static(1.0), specs)
+        busy[part] = c.prefills[0].busy_time
+    assert busy["mps"] < busy["green-context"]

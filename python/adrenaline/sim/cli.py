@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--executor-kv-fraction", type=float, default=0.8, help="of prefill KV memory")
     dp.add_argument("--executor-kv-tokens", type=int, help="executor KV pool (default: the fraction)")
     dp.add_argument("--executor-share", type=float, default=0.3, help="executor SM share on the prefill GPU")
+    dp.add_argument("--sm-partition", choices=["mps", "green-context"], default="mps",
+                    help="executor SM cap: a limit (prefill uses idle SMs) or a partition")  # fmt: skip
     dp.add_argument("--offload", action="store_true", help="simulate PD with attention offloading")
     dp.add_argument("--compare-offload", action="store_true", help="plain PD vs PD + offloading")
     dp.add_argument("--offload-policy", choices=["static", "load-aware"], default="static")

@@ -34,6 +34,9 @@ class Deployment:
     executor_kv_fraction: float = 0.8  # of the prefill GPU's KV memory, given to the executor
     executor_kv_tokens: int | None = None  # None: that fraction
     executor_share: float = 0.3  # SM share of the executor on the prefill GPU
+    # mps: the share caps the executor, prefill keeps the SMs it leaves idle; green-context: the
+    # share is partitioned off, prefill never has it while offloaded work exists
+    sm_partition: str = "mps"
     concurrency: int = 0  # closed loop clients when the workload has no arrival times
 
 
@@ -60,7 +63,7 @@ class Cluster:
         ]
         env = Env(self.loop, cost, dep.page_size, dep.chunk_budget)
         self.prefills = [
-            PrefillInstance(i, env, prefill_tokens, self._prefilled, ex)
+            PrefillInstance(i, env, prefill_tokens, self._prefilled, ex, dep.sm_partition == "green-context")
             for i, ex in enumerate(self.executors)
         ]
         dec_tokens = dep.decode_kv_tokens or cap

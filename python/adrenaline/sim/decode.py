@@ -188,6 +188,7 @@ class DecodeInstance(Instance):
             ex = self.executors[e]
             groups.append((rows, ctx, ex.share, len(ex.clients)))
             ex.bytes_read += ctx * self.cost.model.kv_bytes_per_token
+            ex.busy_time += self.cost.executor_time(rows, ctx, ex.share)
         dt, local, far = decode_step_time(self.cost, local_rows, local_ctx, groups, (ext_tokens, ext_pairs))
         self.busy = True
         self.busy_time += dt

@@ -25,6 +25,14 @@ class Executor(PagePool):
         self.committed = 0  # future KV (prompt + max_new_tokens) of the requests held
         self.clients: dict[int, int] = {}  # decode instance -> offloaded requests it has here
         self.bytes_read = 0.0  # KV its attention read (bandwidth accounting)
+        self.busy_time = 0.0  # attention time it ran, all clients
+        self._seen = (0.0, 0.0)  # (time, busy_time) when the prefill last asked its duty cycle
+
+    def duty(self, now: float) -> float:
+        """Busy share of its time since the last call (what it took from a co-running prefill)."""
+        t0, b0 = self._seen
+        self._seen = (now, self.busy_time)
+        return min(1.0, (self.busy_time - b0) / (now - t0)) if now > t0 else 0.0
 
     def grow(self, req: SimReq, tokens: int) -> bool:
         """Hold pages for ``tokens`` of ``req``'s KV; False (nothing taken) when the pool is full."""
@@ -58,8 +66,11 @@ class PrefillInstance(Instance):
         pool_tokens: int,
         on_prefilled: Callable[[SimReq], None],
         executor: Executor | None = None,
+        reserved: bool = False,
     ) -> None:
+        """``reserved``: the executor's SM share is partitioned off for good (green contexts)."""
         super().__init__(idx, env, pool_tokens)
+        self.reserved = reserved
         self.on_prefilled, self.executor = on_prefilled, executor
         self.waiting: deque[SimReq] = deque()
         self.partial: list[tuple[SimReq, int]] = []  # admitted prompts and tokens computed so far
@@ -109,13 +120,23 @@ class PrefillInstance(Instance):
             return
         tokens = sum(n for _, _, n in items)
         pairs = sum(n * (done + n / 2) for _, done, n in items)
-        busy_exec = self.executor is not None and self.executor.held
-        dt = self.cost.prefill_time(tokens, pairs, self.executor.share if busy_exec else 0.0)
+        dt = self.cost.prefill_time(tokens, pairs, self._executor_share())
         self.busy = True
         self.busy_time += dt
         self.steps += 1
         self.bytes_moved += self.cost.model.weight_bytes + tokens * self.cost.model.kv_bytes_per_token
         self.loop.after(dt, lambda: self._end(items))
+
+    def _executor_share(self) -> float:
+        """SMs the executor takes from this step: its whole cap when partitioned (green contexts),
+        else (MPS: the cap is a limit, not a reservation) the cap times its recent duty cycle."""
+        ex = self.executor
+        if ex is None:
+            return 0.0
+        duty = ex.duty(self.loop.now)
+        if not ex.held:
+            return 0.0
+        return ex.share if self.reserved else ex.share * duty
 
     def _end(self, items: list[tuple[SimReq, int, int]]) -> None:
         progress = {req.rid: done + n for req, done, n in items}

@@ -45,7 +45,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise SystemExit("plots need matplotlib: pip install matplotlib (or the project's plot extra)") from e
+        raise SystemExit("plots need matplotlib: pip install 'adrenaline[profile]' (or matplotlib)") from e
     return plt
 
 

@@ -40,10 +40,12 @@ def paper_setting(out: Path, n: int) -> str:
     lines = ["### Saturated (closed loop, 512 clients)", ""]
     rows, plain = [], None
     load_aware = base.with_(offload=True, policy="load-aware", executor_share=0.34, slo=Slo(tpot_ms=100.0))
-    for s in [base, base.with_(offload=True), base.with_(offload=True, max_running=512), load_aware]:
+    green = base.with_(offload=True, sm_partition="green-context")
+    for s in [base, base.with_(offload=True), green, base.with_(offload=True, max_running=512), load_aware]:
         _, summ = s.run(specs)
         plain = plain or summ
         label = s.label() + (f", max-running {s.dep.max_running}" if s.dep.max_running != 256 else "")
+        label += ", green context" if s.dep.sm_partition != "mps" else ""
         rows.append((f"{label} ({summ.output_tok_s / plain.output_tok_s:.2f}x)", summ))
     lines += [table(rows), ""]
     # the same load for both: Poisson at 90 % of plain PD's saturated request rate
