@@ -16,20 +16,12 @@ from adrenaline.sim.hardware import gpu
 from adrenaline.sim.model import ModelSpec
 from adrenaline.sim.report import plot_lines, table
 from adrenaline.sim.run import Setup
-from adrenaline.sim.workload import synthetic
+from adrenaline.sim.workload import Spec, synthetic
 
 
 def closed(setup: Setup) -> Setup:
     """Saturating closed loop: twice the running cap of all decode instances."""
     return setup.with_(concurrency=2 * setup.dep.max_running * setup.dep.decode)
-
-
-def compare(setup: Setup, specs) -> tuple[float, float, str]:
-    """(plain PD tok/s, offloading tok/s, 'a -> b (g x)') for ``setup`` in a saturating loop."""
-    _, a = closed(setup).run(specs)
-    _, b = closed(setup.with_(offload=True)).run(specs)
-    g = b.output_tok_s / a.output_tok_s
-    return a.output_tok_s, b.output_tok_s, f"{a.output_tok_s:.0f} -> {b.output_tok_s:.0f} tok/s ({g:.2f}x)"
 
 
 def paper_setting(out: Path, n: int) -> str:
@@ -74,6 +66,14 @@ def paper_setting(out: Path, n: int) -> str:
     return "\n".join(lines)
 
 
+def compare(setup: Setup, specs: list[Spec]) -> tuple[float, str]:
+    """(offload / plain PD throughput, 'a -> b tok/s (g x)') for ``setup`` in a saturating loop."""
+    _, a = closed(setup).run(specs)
+    _, b = closed(setup.with_(offload=True)).run(specs)
+    g = b.output_tok_s / a.output_tok_s
+    return g, f"{a.output_tok_s:.0f} -> {b.output_tok_s:.0f} tok/s ({g:.2f}x)"
+
+
 def scaling(out: Path, n: int) -> str:
     """H100: gain vs P:D split (8 instances) and vs prompt length (1P1D), for 7B and 70B."""
     lines = []
@@ -83,32 +83,24 @@ def scaling(out: Path, n: int) -> str:
         cost = AnalyticCost(ModelSpec.load(model), gpu("h100"), tp)
         base = Setup(cost, Deployment(), ratio=0.7)
         specs = synthetic("sharegpt", n, None, seed=0)
-        xs, gains, rows = [], [], []
-        for p in range(1, 8):
-            s = closed(base.with_(prefill=p, decode=8 - p))
-            _, a = s.run(specs)
-            _, b = s.with_(offload=True).run(specs)
-            xs.append(p / (8 - p))
-            gains.append(b.output_tok_s / a.output_tok_s)
-            rows.append(f"{p}P{8 - p}D {a.output_tok_s:.0f} -> {b.output_tok_s:.0f} tok/s ({gains[-1]:.2f}x)")
-        split_series[name] = (xs, gains)
-        lines += [f"- {name}, 8 instances: " + "; ".join(rows)]
-        scales, cgains, crows = [0.5, 1, 2, 4, 8], [], []
-        for k in scales:
+        for part in ("mps", "green-context"):
+            xs, gains, rows = [], [], []
+            for p in range(1, 8):
+                g, text = compare(base.with_(prefill=p, decode=8 - p, sm_partition=part), specs)
+                xs.append(p / (8 - p))
+                gains.append(g)
+                rows.append(f"{p}P{8 - p}D {text}")
+            split_series[f"{name}, {part}"] = (xs, gains)
+            lines += [f"- {name}, 8 instances, executor SMs by {part}: " + "; ".join(rows)]
+        means, gains, rows = [], [], []
+        for k in [0.5, 1, 2, 4, 8]:
             cs = synthetic("sharegpt", n, None, seed=0, context_scale=k)
-            s = closed(base)
-            _, a = s.run(cs)
-            _, b = s.with_(offload=True).run(cs)
-            cgains.append(b.output_tok_s / a.output_tok_s)
-            mean_in = sum(x.input_len for x in cs) / len(cs)
-            crows.append(
-                f"prompt mean {mean_in:.0f}: {a.output_tok_s:.0f} -> {b.output_tok_s:.0f} ({cgains[-1]:.2f}x)"
-            )
-        ctx_series[name] = (
-            [sum(x.input_len for x in synthetic("sharegpt", n, None, 0, k)) / n for k in scales],
-            cgains,
-        )
-        lines += [f"- {name}, 1P1D, by prompt length: " + "; ".join(crows)]
+            g, text = compare(base, cs)
+            means.append(sum(x.input_len for x in cs) / len(cs))
+            gains.append(g)
+            rows.append(f"prompt mean {means[-1]:.0f}: {text}")
+        ctx_series[name] = (means, gains)
+        lines += [f"- {name}, 1P1D, by prompt length: " + "; ".join(rows)]
     plot_lines(split_series, "H100, ShareGPT-like, 8 instances: gain vs P:D", "prefill : decode instances",
                "offload / plain PD throughput", out / "scaling_split.png")  # fmt: skip
     plot_lines(ctx_series, "H100, 1P1D: gain vs prompt length", "mean prompt tokens",
