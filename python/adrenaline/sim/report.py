@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +22,8 @@ COLUMNS = [
 
 
 def _cell(s: Summary, key, fmt: str) -> str:
-    keys = key if isinstance(key, tuple) else (key,)
-    return fmt.format(*(getattr(s, k) for k in keys))
+    values = [getattr(s, k) for k in (key if isinstance(key, tuple) else (key,))]
+    return "-" if any(math.isnan(v) for v in values) else fmt.format(*values)  # nan: not modelled
 
 
 def table(rows: Sequence[tuple[str, Summary]]) -> str:
