@@ -43,7 +43,7 @@ class DecodeInstance(Instance):
         self.waiting: deque[SimReq] = deque()  # retracted, recomputed here
         # [running requests' headroom, KV on its way's headroom] in pages: the sums the runtime
         # recomputes per admission, cached until a step, a retraction or an arrival changes them.
-        self._room: list[int] | None = None
+        self._room: list[int | None] | None = None
         self.batched = self.retractions = self.fallbacks = 0
         self.exposed_remote = 0.0  # remote attention + exchange beyond the local attention
 
@@ -73,9 +73,13 @@ class DecodeInstance(Instance):
                 return
             if need and (self.running or self.inflight):
                 if self._room is None:
-                    coming = sum(self.headroom.pages(r) for r in self.inflight.values())
-                    self._room = [self.headroom.reserved(self.running), coming]
-                if self.waiting or self.headroom.pages(req, 0) + sum(self._room) > self.free:
+                    self._room = [None, sum(self.headroom.pages(r) for r in self.inflight.values())]
+                own = self.headroom.pages(req, 0) + self._room[1]
+                if self.waiting or own > self.free:  # fails whatever the running requests keep
+                    return
+                if self._room[0] is None:
+                    self._room[0] = self.headroom.reserved(self.running)
+                if own + self._room[0] > self.free:
                     return
             self.pending.popleft()
             self.free -= need
