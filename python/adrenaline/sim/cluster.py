@@ -134,7 +134,6 @@ class Cluster:
         self.loop.after(self.cost.kv_transfer_time(tokens), lambda: self._landed(req))
 
     def _landed(self, req: SimReq) -> None:
-        req.transfer_done = self.loop.now
         p = self.prefills[req.prefill]
         p.release(req)
         p.ttft_history.append((self.loop.now - req.arrival) * 1e3)

@@ -125,7 +125,6 @@ class DecodeInstance(Instance):
 
     def _retract(self, victim: SimReq) -> None:
         self._release(victim)
-        victim.retractions += 1
         self.retractions += 1
         self.headroom.retracted()
         self.running.remove(victim)

@@ -7,7 +7,7 @@ see (and a flag can change) every constant the predictions rest on. None was fit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 GiB = 1 << 30
 
@@ -51,7 +51,6 @@ class Assumptions:
     # Usable HBM share (SGLang's mem_fraction_static) and a per-GPU activation/graph workspace.
     mem_fraction: float = 0.9
     workspace_bytes: float = 4 * GiB
-    notes: tuple[str, ...] = field(default=(), compare=False)
 
 
 def gpu(name: str, link: str = "nvlink") -> GPU:

@@ -35,6 +35,7 @@ class Summary:
     executor_kv_use: float
     prefill_hbm_capacity_use: float  # weights + KV in use on prefill GPUs, share of HBM
     prefill_hbm_bw_use: float  # bytes moved / (time x peak bandwidth) on prefill GPUs
+    remote_exposed: float  # share of decode time the remote attention + exchange was not hidden
     retractions: int
     fallbacks: int
 
@@ -85,6 +86,7 @@ def summarize(cluster: Cluster) -> Summary:
         executor_kv_use=_mean([sum(s.executor_kv) / ex_cap for s in samples]) if ex_cap else 0.0,
         prefill_hbm_capacity_use=(weights + _mean(p_kv)) / p_hbm,
         prefill_hbm_bw_use=moved / (dur * p_bw),
+        remote_exposed=sum(d.exposed_remote for d in decs) / max(sum(d.busy_time for d in decs), 1e-9),
         retractions=sum(d.retractions for d in decs),
         fallbacks=sum(d.fallbacks for d in decs),
     )

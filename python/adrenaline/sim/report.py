@@ -15,6 +15,7 @@ COLUMNS = [
     ("TPOT p50/p99 ms", ("tpot_p50_ms", "tpot_p99_ms"), "{:.1f} / {:.1f}"),
     ("decode batch", "mean_decode_batch", "{:.1f}"),
     ("offloaded", "mean_offloaded", "{:.0%}"),
+    ("remote exposed", "remote_exposed", "{:.0%}"),
     ("decode KV", "decode_kv_use", "{:.0%}"),
     ("executor KV", "executor_kv_use", "{:.0%}"),
     ("prefill HBM cap/bw", ("prefill_hbm_capacity_use", "prefill_hbm_bw_use"), "{:.0%} / {:.0%}"),

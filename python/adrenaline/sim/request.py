@@ -20,8 +20,8 @@ class _Params:
 class SimReq:
     __slots__ = (
         "rid", "spec", "params", "generated", "held", "num_computed", "offload", "may_offload",
-        "prefill", "decode", "arrival", "prefilled", "first_token", "finished", "retractions",
-        "decode_admitted", "transfer_done", "seq_len", "output_len",
+        "prefill", "decode", "arrival", "prefilled", "first_token", "finished",
+        "decode_admitted", "seq_len", "output_len",
     )  # fmt: skip
 
     def __init__(self, rid: int, spec: Spec, arrival: float) -> None:
@@ -36,8 +36,7 @@ class SimReq:
         self.may_offload = True
         self.prefill = self.decode = -1  # instance indices chosen by the router
         self.prefilled = self.first_token = self.finished = None
-        self.decode_admitted = self.transfer_done = None
-        self.retractions = 0
+        self.decode_admitted = None
 
     # ---- what Headroom reads ------------------------------------------------------------------
     @property
