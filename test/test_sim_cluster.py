@@ -17,7 +17,7 @@ from adrenaline.sim.hardware import gpu
 from adrenaline.sim.model import ModelSpec
 from adrenaline.sim.policy import LoadAware, Static
 from adrenaline.sim.profiled import profile_of
-from adrenaline.sim.workload import read_log, synthetic, write_log
+from adrenaline.sim.workload import Spec, read_log, synthetic, write_log
 
 COST = AnalyticCost(ModelSpec.load("llama-2-7b"), gpu("a100-80g"))
 
@@ -32,7 +32,7 @@ def run_checked(dep: Deployment, decider=None, specs=None):
     cluster.run(specs)
     assert len(cluster.requests) == len(specs)
     assert all(finished[r.rid] == 1 for r in cluster.requests)  # each exactly once
-    assert all(r.generated == r.spec.output_len for r in cluster.requests)
+    assert all(r.generated == r.output_len <= r.spec.output_len for r in cluster.requests)
     assert all(r.arrival <= r.prefilled <= r.first_token <= r.finished for r in cluster.requests)
     for d in cluster.decodes:
         assert d.free == d.num_pages and not (d.pending or d.inflight or d.running or d.waiting)
@@ -161,3 +161,14 @@ def test_a_partitioned_executor_slows_prefill_more_than_an_mps_capped_one():
         c = run_checked(dep, Static(1.0), specs)
         busy[part] = c.prefills[0].busy_time
     assert busy["mps"] < busy["green-context"]
+
+
+def test_requests_end_at_the_runtimes_max_seq_len():
+    """As the runtime: a prompt of max_seq_len (min of context length and decode pool) or more is
+    rejected, and generation stops when prompt + output reach it."""
+    dep = Deployment(decode_kv_tokens=2048, concurrency=4)  # Llama-2's context is 4096
+    cluster = run_checked(dep, specs=[Spec(None, 2000, 100, 100), Spec(None, 10, 20, 20)])
+    assert [r.generated for r in cluster.requests] == [48, 20]
+    cluster = Cluster(COST, dep)
+    cluster.run([Spec(None, 2048, 5, 5), Spec(None, 2047, 5, 5)])
+    assert len(cluster.rejected) == 1 and [r.generated for r in cluster.requests] == [1]

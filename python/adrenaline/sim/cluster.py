@@ -61,12 +61,13 @@ class Cluster:
             Executor(exec_tokens, dep.page_size, dep.executor_share) if dep.offload else None
             for _ in range(dep.prefill)
         ]
-        env = Env(self.loop, cost, dep.page_size, dep.chunk_budget)
+        dec_tokens = dep.decode_kv_tokens or cap
+        self.max_seq_len = min(cost.model.max_context, dec_tokens)
+        env = Env(self.loop, cost, dep.page_size, dep.chunk_budget, self.max_seq_len)
         self.prefills = [
             PrefillInstance(i, env, prefill_tokens, self._prefilled, ex, dep.sm_partition == "green-context")
             for i, ex in enumerate(self.executors)
         ]
-        dec_tokens = dep.decode_kv_tokens or cap
         self.decodes = [
             DecodeInstance(
                 i, env, dec_tokens, dep.max_running, decider, self.executors, self._admitted, self._finished
@@ -75,6 +76,7 @@ class Cluster:
         ]
         decider.bind(self.prefills)
         self.requests: list[SimReq] = []
+        self.rejected: list[Spec] = []  # prompts of max_seq_len tokens or more (the runtime's 400)
         self.samples: list[Sample] = []
         self._rr = 0
         self._closed: deque[Spec] = deque()
@@ -82,6 +84,8 @@ class Cluster:
 
     # ---- driving ------------------------------------------------------------------------------
     def run(self, specs: list[Spec], sample_dt: float = 0.5) -> list[SimReq]:
+        self.rejected = [s for s in specs if s.input_len >= self.max_seq_len]
+        specs = [s for s in specs if s.input_len < self.max_seq_len]
         if specs and specs[0].arrival is None:
             if self.dep.concurrency < 1:
                 raise ValueError("a workload without arrival times needs a concurrency (closed loop)")
@@ -96,7 +100,7 @@ class Cluster:
         return self.requests
 
     def _send(self, spec: Spec) -> None:
-        req = SimReq(len(self.requests), spec, self.loop.now)
+        req = SimReq(len(self.requests), spec, self.loop.now, self.max_seq_len)
         self.requests.append(req)
         req.prefill = self._rr % self.dep.prefill
         req.decode = self._rr % self.dep.decode

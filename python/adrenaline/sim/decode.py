@@ -36,7 +36,7 @@ class DecodeInstance(Instance):
         super().__init__(idx, env, pool_tokens)
         self.max_running, self.decider = max_running, decider
         self.executors, self.on_admitted, self.on_finished = executors, on_admitted, on_finished
-        self.headroom = Headroom(env.page_size, pool_tokens)
+        self.headroom = Headroom(env.page_size, env.max_seq_len)
         self.pending: deque[SimReq] = deque()
         self.inflight: dict[int, SimReq] = {}
         self.running: list[SimReq] = []

@@ -32,6 +32,7 @@ class Env:
     cost: CostModel
     page_size: int
     chunk_budget: int  # tokens per forward pass (chunked_prefill_size)
+    max_seq_len: int  # prompt + output end here (the runtime: min(context length, KV pool))
 
 
 class Instance(PagePool):

@@ -21,6 +21,7 @@ def percentile(xs: list[float], q: float) -> float:
 @dataclass
 class Summary:
     requests: int
+    rejected: int  # prompts too long for the model or the decode KV pool
     finished: int
     duration_s: float
     output_tok_s: float
@@ -72,6 +73,7 @@ def summarize(cluster: Cluster) -> Summary:
     p_bw = getattr(cost, "hbm_bw", float("nan")) * len(cluster.prefills)
     return Summary(
         requests=len(reqs),
+        rejected=len(cluster.rejected),
         finished=len(done),
         duration_s=dur,
         output_tok_s=sum(r.generated for r in done) / dur,

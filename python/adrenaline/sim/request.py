@@ -24,12 +24,12 @@ class SimReq:
         "decode_admitted", "seq_len", "output_len",
     )  # fmt: skip
 
-    def __init__(self, rid: int, spec: Spec, arrival: float) -> None:
+    def __init__(self, rid: int, spec: Spec, arrival: float, max_seq_len: int) -> None:
         self.rid, self.spec, self.arrival = rid, spec, arrival
         self.params = _Params(spec.max_new_tokens)
         self.generated = 0  # output tokens so far
         self.seq_len = spec.input_len  # prompt + output tokens (a field: read per row per step)
-        self.output_len = spec.output_len
+        self.output_len = min(spec.output_len, max_seq_len - spec.input_len)  # ends at the limit
         self.held = 0  # KV pages held on the decode instance
         self.num_computed = 0  # tokens whose KV is in the decode instance's pool (or executor's)
         self.offload: int | None = None  # index of the prefill instance whose executor holds the KV

@@ -96,9 +96,10 @@ def scaling(out: Path, n: int) -> str:
         for k in [0.5, 1, 2, 4, 8]:
             cs = synthetic("sharegpt", n, None, seed=0, context_scale=k)
             g, text = compare(base, cs)
-            means.append(sum(x.input_len for x in cs) / len(cs))
+            kept = [x.input_len for x in cs if x.input_len < cost.model.max_context]  # others rejected
+            means.append(sum(kept) / len(kept))
             gains.append(g)
-            rows.append(f"prompt mean {means[-1]:.0f}: {text}")
+            rows.append(f"prompt mean {means[-1]:.0f} ({len(cs) - len(kept)} rejected): {text}")
         ctx_series[name] = (means, gains)
         lines += [f"- {name}, 1P1D, by prompt length: " + "; ".join(rows)]
     plot_lines(split_series, "H100, ShareGPT-like, 8 instances: gain vs P:D", "prefill : decode instances",
