@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from adrenaline.scheduler.request import Req
+if TYPE_CHECKING:  # the rule is pure: the capacity planner (adrenaline.sim) imports it without torch
+    from adrenaline.scheduler.request import Req
 
 INIT_RATIO, MIN_RATIO, DECAY_PER_STEP, RETRACT_BUMP = 0.7, 0.1, 0.001, 0.1
 
