@@ -211,9 +211,9 @@ class ShmClientChannel(ShmChannel):
         n = (self.posted + 1) & MASK
         self._wait_resp(n - 2)  # the slot's previous request is answered
         qkv = self._views[n & 1][0]
-        if all(t.dtype == qkv.dtype and t.device.type == "cpu" for t in (q, k, v)):
-            torch.cat((q, k, v), dim=1, out=qkv)
-        else:
+        if q.is_cpu and k.is_cpu and v.is_cpu:
+            torch.cat((q, k, v), dim=1, out=qkv)  # casts to the channel's dtype if need be
+        else:  # device tensors: one copy each, to host
             h, hkv = qs[1], kvs[1]
             qkv[:, :h].copy_(q)
             qkv[:, h : h + hkv].copy_(k)
@@ -223,7 +223,7 @@ class ShmClientChannel(ShmChannel):
     def _post(self, layer: int) -> None:
         n = (self.posted + 1) & MASK
         s, w = n & 1, self.words
-        b = self.slot_word(s, 0)
+        b = W_SLOT + s * SLOT_WORDS
         w[b + S_NO], w[b + S_LAYER], w[b + S_ROWS], w[b + S_STEP] = n, layer & MASK, self.rows, self.step
         w[b + S_META] = self._meta_pending
         self._meta_pending = False
