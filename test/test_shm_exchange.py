@@ -11,11 +11,13 @@ import sys
 import time
 from dataclasses import asdict
 
+import msgspec
 import psutil
 import pytest
 import torch
 
 from adrenaline.transport import PeerTimeout, TransportError
+from adrenaline.transport.cuda_ipc_exchange import CudaIpcClientChannel
 from adrenaline.transport.doorbell import supported
 from adrenaline.transport.shm_exchange import ShmClientChannel, StepMeta
 from adrenaline.transport.shm_segment import (
@@ -41,7 +43,7 @@ def oracle(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return q * 2 - torch.cat([k, v], dim=1) + layer
 
 
-def _executor(conn, gate) -> None:
+def _executor(conn, gate, device: str) -> None:
     """An executor process: ShmServer over ``oracle``; peer "slow" blocks at layer 0 on ``gate``,
     peer "hang" blocks at layer 1 forever. Commands arrive over ``conn``."""
     torch.set_num_threads(1)
@@ -54,7 +56,7 @@ def _executor(conn, gate) -> None:
             time.sleep(3600)
         return oracle(layer, q, k, v)
 
-    server = ShmServer(attend, begin=lambda m: steps.append(asdict(m)))
+    server = ShmServer(attend, begin=lambda m: steps.append(asdict(m)), device=device)
     while True:
         cmd, arg = conn.recv()
         if cmd == "add":
@@ -69,10 +71,10 @@ def _executor(conn, gate) -> None:
 
 
 class Executor:
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.conn, child = SPAWN.Pipe()
         self.gate = SPAWN.Event()
-        self.proc = SPAWN.Process(target=_executor, args=(child, self.gate), daemon=True)
+        self.proc = SPAWN.Process(target=_executor, args=(child, self.gate, device), daemon=True)
         self.proc.start()
 
     def ask(self, cmd: str, arg=None):
@@ -288,3 +290,25 @@ def test_two_decode_peers_do_not_block_each_other(executor):
     assert torch.equal(slow.wait(0), oracle(0, q, k, v))
     slow.close()
     fast.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a CUDA GPU")
+def test_cuda_ipc_round_trips_are_exact():
+    dev, g = torch.device("cuda", 0), torch.Generator().manual_seed(3)
+    ex = Executor("cuda")
+    try:
+        ch = CudaIpcClientChannel.create_on(ShmLayout(MAX_ROWS, *HEADS, torch.bfloat16), WAIT_S, dev)
+        offer = msgspec.msgpack.decode(msgspec.msgpack.encode(ch.offer()))  # as the control plane carries it
+        assert ex.ask("add", ("g", offer)) == "ok"
+        ch.wait_attached(WAIT_S)
+        for step, rows in enumerate([1, 5, MAX_ROWS]):
+            ch.begin(step, list(range(rows)), [4] * rows)
+            for layer in range(4):
+                q, k, v = (t.to(dev) for t in rand_qkv(rows, g, torch.bfloat16))
+                ch.submit(layer, q, k, v)
+                out = ch.wait(layer)
+                assert out.is_cuda and torch.equal(out, oracle(layer, q, k, v)), (step, layer)
+        ch.close()
+    finally:
+        ex.stop()

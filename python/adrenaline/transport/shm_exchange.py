@@ -79,15 +79,15 @@ class ShmChannel:
         self.peer: PeerWatch | None = None
         self.closing = self.unmapped = False
         self._mine, self._theirs = (W_CLOSED, W_CLOSED + 1) if creator else (W_CLOSED + 1, W_CLOSED)
-        L, h, hkv, d = layout, layout.num_heads, layout.num_kv_heads, layout.head_dim
-        self.meta = torch.frombuffer(mm, dtype=torch.int64, count=L.meta_items, offset=CONTROL_BYTES)
-        self.qkv, self.out = [], []
-        for s in range(SLOTS):
-            off = L.slot_offset(s)
-            self.qkv.append(torch.frombuffer(mm, dtype=L.dtype, count=L.qkv_numel, offset=off))
-            self.qkv[-1] = self.qkv[-1].view(L.max_rows, h + 2 * hkv, d)
-            off += -(-L.qkv_numel * L.dtype.itemsize // 64) * 64
-            self.out.append(torch.frombuffer(mm, dtype=L.dtype, count=L.out_numel, offset=off).view(-1, h, d))
+        self.meta = torch.frombuffer(mm, dtype=torch.int64, count=layout.meta_items, offset=CONTROL_BYTES)
+        data = torch.frombuffer(mm, dtype=torch.uint8, offset=layout.data_offset)
+        self.qkv, self.out = layout.slot_views(data)
+
+    def _published(self, slot: int) -> None:
+        """After this side wrote ``slot``'s data, before it rings (a device variant records an event)."""
+
+    def _landed(self, slot: int) -> None:
+        """After the peer rang, before this side reads ``slot`` (a device variant waits on an event)."""
 
     def slot_word(self, slot: int, field: int) -> int:
         return W_SLOT + slot * SLOT_WORDS + field
@@ -211,13 +211,15 @@ class ShmClientChannel(ShmChannel):
         n = (self.posted + 1) & MASK
         self._wait_resp(n - 2)  # the slot's previous request is answered
         qkv = self._views[n & 1][0]
-        if q.is_cpu and k.is_cpu and v.is_cpu:
+        dev = qkv.device
+        if q.device == dev and k.device == dev and v.device == dev:
             torch.cat((q, k, v), dim=1, out=qkv)  # casts to the channel's dtype if need be
-        else:  # device tensors: one copy each, to host
+        else:  # one copy each, across devices
             h, hkv = qs[1], kvs[1]
             qkv[:, :h].copy_(q)
             qkv[:, h : h + hkv].copy_(k)
             qkv[:, h + hkv :].copy_(v)
+        self._published(n & 1)
         self._post(layer)
 
     def _post(self, layer: int) -> None:
@@ -240,6 +242,7 @@ class ShmClientChannel(ShmChannel):
         self._wait_resp(self._slot_no[s])
         if self.words[self.slot_word(s, S_STATUS)]:
             raise TransportError(f"attention executor: {self.error_text(s)}")
+        self._landed(s)
         return self._views[s][1]
 
     # ---- failure --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ NAME = re.compile(rf"{PREFIX}-(\d+)-[0-9a-f]+")
 DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 SLOTS = 2
 CONTROL_BYTES, ERR_OFFSET, ERR_BYTES = 4096, 1024, 256
+DEVICE_OFFSET = 2048  # to CONTROL_BYTES: reserved for a device variant's handles (cuda_ipc_exchange)
 
 # control words; a doorbell's counter is followed by its sleep flag
 W_MAGIC, W_VERSION, W_LAYOUT = 0, 1, 2  # W_LAYOUT..W_LAYOUT+5: ShmLayout.words()
@@ -88,14 +89,29 @@ class ShmLayout:
     def out_numel(self) -> int:
         return self.max_rows * self.num_heads * self.head_dim
 
-    def slot_offset(self, slot: int) -> int:
-        esize = self.dtype.itemsize
-        data = CONTROL_BYTES + _align(8 * self.meta_items)
-        return data + slot * (_align(self.qkv_numel * esize) + _align(self.out_numel * esize))
+    @property
+    def data_offset(self) -> int:
+        return CONTROL_BYTES + _align(8 * self.meta_items)
+
+    @property
+    def slot_bytes(self) -> tuple[int, int]:
+        """Bytes of one slot's q|k|v rows and of its output rows."""
+        return _align(self.qkv_numel * self.dtype.itemsize), _align(self.out_numel * self.dtype.itemsize)
 
     @property
     def size(self) -> int:
-        return self.slot_offset(SLOTS)
+        return self.data_offset + SLOTS * sum(self.slot_bytes)
+
+    def slot_views(self, data: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per slot, q|k|v [max_rows, H + 2 Hkv, D] and output [max_rows, H, D] views on ``data``
+        (uint8 bytes from ``data_offset`` on: host shared memory, or a CUDA IPC buffer)."""
+        (qb, ob), rows, d = self.slot_bytes, self.max_rows, self.head_dim
+        qkv, out = [], []
+        for s in range(SLOTS):
+            off = s * (qb + ob)
+            qkv.append(data[off : off + qb].view(self.dtype)[: self.qkv_numel].view(rows, -1, d))
+            out.append(data[off + qb : off + qb + ob].view(self.dtype)[: self.out_numel].view(rows, -1, d))
+        return qkv, out
 
 
 def _align(n: int, to: int = 64) -> int:

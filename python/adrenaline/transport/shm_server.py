@@ -86,6 +86,7 @@ class ShmExecutorChannel(ShmChannel):
             ch.peer = PeerWatch(ch.words[W_CREATOR_PID])
             ch.check()
             ch.words[W_ATTACHER_PID] = os.getpid()
+            ch._attaching()
             ch.attached.ring(1)
         except TransportError:
             ch.close()
@@ -93,6 +94,9 @@ class ShmExecutorChannel(ShmChannel):
         finally:
             unlink(ch.name)
         return ch
+
+    def _attaching(self) -> None:
+        """Before telling the decode side: a device variant leaves its handles in the segment."""
 
     def next_request(self) -> tuple[int, bool]:
         """Sleep until the next request; (its layer, whether it brought new step metadata)."""
@@ -107,6 +111,7 @@ class ShmExecutorChannel(ShmChannel):
             self._read_step()
         if w[b + S_ROWS] != len(self.step.rooms):
             raise ShmLayoutError(f"request of {w[b + S_ROWS]} rows in a step of {len(self.step.rooms)}")
+        self._landed(self.slot)
         return w[b + S_LAYER], fresh
 
     def _read_step(self) -> None:
@@ -135,6 +140,7 @@ class ShmExecutorChannel(ShmChannel):
             if out.shape != view.shape:
                 raise ValueError(f"attention output {tuple(out.shape)}, expected {tuple(view.shape)}")
             view.copy_(out)
+            self._published(self.slot)
         self.words[b + S_STATUS] = 1 if error else 0
         self.served = (self.served + 1) & MASK
         self.resp.ring(self.served)
@@ -144,16 +150,27 @@ class ShmServer:
     """Serves the channels of any number of decode instances, one sleeping thread each."""
 
     def __init__(
-        self, attend: Attend, begin: Begin | None = None, on_close: Callable[[str], None] | None = None
-    ):
+        self,
+        attend: Attend,
+        begin: Begin | None = None,
+        on_close: Callable[[str], None] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """``device``: where attention runs; a CUDA one accepts CUDA IPC offers."""
         self.attend, self.begin, self.on_close = attend, begin, on_close
+        self.device = torch.device(device)
         self._begin_lock = threading.Lock()
         self._channels: dict[str, tuple[ShmExecutorChannel, threading.Thread]] = {}
 
     def add(self, peer: str, offer: dict, heads: tuple[int, int, int] | None = None) -> None:
         """Attach to ``peer``'s channel (replacing an older one of it) and start serving it."""
         self.remove(peer)
-        ch = ShmExecutorChannel.attach(offer, peer, heads)
+        if "cuda" in offer:
+            from adrenaline.transport.cuda_ipc_exchange import CudaIpcExecutorChannel
+
+            ch: ShmExecutorChannel = CudaIpcExecutorChannel.attach_on(offer, peer, self.device, heads)
+        else:
+            ch = ShmExecutorChannel.attach(offer, peer, heads)
         thread = threading.Thread(target=self._serve, args=(ch,), name=f"shm-exchange {peer}", daemon=True)
         self._channels[peer] = (ch, thread)
         thread.start()
@@ -172,6 +189,8 @@ class ShmServer:
             self.remove(peer)
 
     def _serve(self, ch: ShmExecutorChannel) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # per thread: where this channel's streams live
         error = ""  # why the current step cannot be served
         try:
             while True:
