@@ -20,6 +20,7 @@ import platform
 import select
 import time
 from collections.abc import Callable
+from ctypes import c_int, c_long, c_uint, c_void_p
 
 from adrenaline.transport.base import PeerTimeout
 
@@ -32,8 +33,7 @@ SLEEP_SLICE_S = 0.05  # how often a sleeping waiter checks the peer and its dead
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
-_c = ctypes
-_syscall.argtypes = [_c.c_long, _c.c_void_p, _c.c_int, _c.c_uint, _c.c_void_p, _c.c_void_p, _c.c_uint]
+_syscall.argtypes = [c_long, c_void_p, c_int, c_uint, c_void_p, c_void_p, c_uint]  # futex(2)
 
 
 class Timespec(ctypes.Structure):

@@ -31,6 +31,13 @@ from adrenaline.transport.shm_segment import (
     ERR_BYTES,
     ERR_OFFSET,
     PROTOCOL_VERSION,
+    S_ERRLEN,
+    S_LAYER,
+    S_META,
+    S_NO,
+    S_ROWS,
+    S_STATUS,
+    S_STEP,
     SLOT_WORDS,
     SLOTS,
     W_ATTACHED,
@@ -50,7 +57,6 @@ from adrenaline.transport.shm_segment import (
 )
 
 LAYER_NONE = MASK  # a request that only carries metadata (frees)
-S_NO, S_LAYER, S_ROWS, S_STEP, S_META, S_STATUS, S_ERRLEN = range(7)
 
 
 @dataclass
@@ -82,6 +88,7 @@ class ShmChannel:
         self.meta = torch.frombuffer(mm, dtype=torch.int64, count=layout.meta_items, offset=CONTROL_BYTES)
         data = torch.frombuffer(mm, dtype=torch.uint8, offset=layout.data_offset)
         self.qkv, self.out = layout.slot_views(data)
+        self._views: list[tuple[torch.Tensor, ...]] = []  # per slot: this step's rows of qkv/out
 
     def _published(self, slot: int) -> None:
         """After this side wrote ``slot``'s data, before it rings (a device variant records an event)."""
@@ -89,8 +96,28 @@ class ShmChannel:
     def _landed(self, slot: int) -> None:
         """After the peer rang, before this side reads ``slot`` (a device variant waits on an event)."""
 
-    def slot_word(self, slot: int, field: int) -> int:
-        return W_SLOT + slot * SLOT_WORDS + field
+    # ---- a slot's words: the request (decode side writes) and its status (executor writes) ----
+    def read_request(self, slot: int) -> tuple[int, int, int, bool]:
+        """(request number, layer, rows, whether it brings new step metadata)."""
+        w, b = self.words, W_SLOT + slot * SLOT_WORDS
+        return w[b + S_NO], w[b + S_LAYER], w[b + S_ROWS], bool(w[b + S_META])
+
+    def write_status(self, slot: int, error: str) -> None:
+        b = W_SLOT + slot * SLOT_WORDS
+        if error:
+            text = error.encode()[:ERR_BYTES]
+            off = ERR_OFFSET + slot * ERR_BYTES
+            self.mm[off : off + len(text)] = text
+            self.words[b + S_ERRLEN] = len(text)
+        self.words[b + S_STATUS] = 1 if error else 0
+
+    def read_error(self, slot: int) -> str:
+        """The executor's error for the slot's request, or ""."""
+        b = W_SLOT + slot * SLOT_WORDS
+        if not self.words[b + S_STATUS]:
+            return ""
+        off = ERR_OFFSET + slot * ERR_BYTES
+        return bytes(self.mm[off : off + min(self.words[b + S_ERRLEN], ERR_BYTES)]).decode(errors="replace")
 
     def check(self) -> None:
         """Raise if waiting on the peer is pointless (run between sleeps)."""
@@ -100,11 +127,6 @@ class ShmChannel:
             raise TransportError("the peer closed the shared-memory channel")
         if self.peer is not None and not self.peer.alive():
             raise TransportError(f"the peer process {self.peer.pid} is gone")
-
-    def error_text(self, slot: int) -> str:
-        n = self.words[self.slot_word(slot, S_ERRLEN)]
-        off = ERR_OFFSET + slot * ERR_BYTES
-        return bytes(self.mm[off : off + min(n, ERR_BYTES)]).decode(errors="replace")
 
     def shutdown(self) -> None:
         """Tell the peer and this side's waiter (both wake and raise); safe from any thread."""
@@ -124,6 +146,7 @@ class ShmChannel:
         self.unmapped = True
         if self.peer is not None:
             self.peer.close()
+        self._views = []
         del self.meta, self.qkv, self.out, self.attached, self.req, self.resp, self._anchor
         self.words.release()
         try:
@@ -143,7 +166,6 @@ class ShmClientChannel(ShmChannel):
         self._slot_layer: list[int | None] = [None, None]  # the layer each slot carries this step
         self._slot_no = [0, 0]  # its request number
         self._shapes = (torch.Size((0,)),) * 2
-        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def create(cls, layout: ShmLayout, timeout_s: float) -> ShmClientChannel:
@@ -240,8 +262,9 @@ class ShmClientChannel(ShmChannel):
         if self._slot_layer[s] != layer:
             raise ValueError(f"layer {layer} was not submitted in this step")
         self._wait_resp(self._slot_no[s])
-        if self.words[self.slot_word(s, S_STATUS)]:
-            raise TransportError(f"attention executor: {self.error_text(s)}")
+        error = self.read_error(s)
+        if error:
+            raise TransportError(f"attention executor: {error}")
         self._landed(s)
         return self._views[s][1]
 

@@ -24,21 +24,10 @@ import torch
 
 from adrenaline.transport.base import TransportError
 from adrenaline.transport.doorbell import MASK, PeerWatch
-from adrenaline.transport.shm_exchange import (
-    LAYER_NONE,
-    S_ERRLEN,
-    S_LAYER,
-    S_META,
-    S_NO,
-    S_ROWS,
-    S_STATUS,
-    ShmChannel,
-    StepMeta,
-)
+from adrenaline.transport.shm_exchange import LAYER_NONE, ShmChannel, StepMeta
 from adrenaline.transport.shm_segment import (
-    ERR_BYTES,
-    ERR_OFFSET,
     PROTOCOL_VERSION,
+    SLOTS,
     W_ATTACHER_PID,
     W_CREATOR_PID,
     W_META_FREES,
@@ -64,7 +53,6 @@ class ShmExecutorChannel(ShmChannel):
         super().__init__(name, mm, layout, False, 0.0)
         self.peer_name, self.served, self.slot = peer, 0, 0
         self.step = StepMeta(peer, 0, [], [], [])  # the current step, from its metadata
-        self._views: list[tuple[torch.Tensor, ...]] = []  # per slot: q, k, v, out for the step's rows
 
     @classmethod
     def attach(cls, offer: dict, peer: str, heads: tuple[int, int, int] | None = None) -> ShmExecutorChannel:
@@ -102,17 +90,16 @@ class ShmExecutorChannel(ShmChannel):
         """Sleep until the next request; (its layer, whether it brought new step metadata)."""
         n = (self.served + 1) & MASK
         self.req.wait(n, None, self.check, self.spin_s)
-        self.slot, w = n & 1, self.words
-        b = self.slot_word(self.slot, 0)
-        if w[b + S_NO] != n:
-            raise ShmLayoutError(f"request {w[b + S_NO]} in the slot of request {n}: the peer broke protocol")
-        fresh = bool(w[b + S_META])
+        self.slot = n & 1
+        no, layer, rows, fresh = self.read_request(self.slot)
+        if no != n:
+            raise ShmLayoutError(f"request {no} in the slot of request {n}: the peer broke protocol")
         if fresh:
             self._read_step()
-        if w[b + S_ROWS] != len(self.step.rooms):
-            raise ShmLayoutError(f"request of {w[b + S_ROWS]} rows in a step of {len(self.step.rooms)}")
+        if rows != len(self.step.rooms):
+            raise ShmLayoutError(f"request of {rows} rows in a step of {len(self.step.rooms)}")
         self._landed(self.slot)
-        return w[b + S_LAYER], fresh
+        return layer, fresh
 
     def _read_step(self) -> None:
         w, L = self.words, self.layout
@@ -122,26 +109,20 @@ class ShmExecutorChannel(ShmChannel):
         m, r = self.meta.tolist(), L.max_rows
         self.step = StepMeta(self.peer_name, w[W_META_STEP], m[:n], m[r : r + n], m[2 * r : 2 * r + f])
         splits = [L.num_heads, L.num_kv_heads, L.num_kv_heads]
-        self._views = [(*self.qkv[s][:n].split(splits, dim=1), self.out[s][:n]) for s in range(2)]
+        self._views = [(*self.qkv[s][:n].split(splits, dim=1), self.out[s][:n]) for s in range(SLOTS)]
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The current request's q, k, v."""
         return self._views[self.slot][:3]
 
     def reply(self, out: torch.Tensor | None, error: str = "") -> None:
-        b = self.slot_word(self.slot, 0)
-        if error:
-            text = error.encode()[:ERR_BYTES]
-            off = ERR_OFFSET + self.slot * ERR_BYTES
-            self.mm[off : off + len(text)] = text
-            self.words[b + S_ERRLEN] = len(text)
-        elif out is not None:
+        if out is not None and not error:
             view = self._views[self.slot][3]
             if out.shape != view.shape:
                 raise ValueError(f"attention output {tuple(out.shape)}, expected {tuple(view.shape)}")
             view.copy_(out)
             self._published(self.slot)
-        self.words[b + S_STATUS] = 1 if error else 0
+        self.write_status(self.slot, error)
         self.served = (self.served + 1) & MASK
         self.resp.ring(self.served)
 
