@@ -79,7 +79,10 @@ def main() -> None:
     proc.start()
     channel.wait_attached(120)
     address = conn.recv()
-    print(f"heads {heads}, float32, {args.iters} layers per path, gap {args.gap_us:.0f} us between layers")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+    )
+    print(f"{cpu}; heads {heads}, float32, {args.iters} layers a path, {args.gap_us:.0f} us between layers")
     print("| batch | shm p50 (us) | shm p99 (us) | zmq p50 (us) | zmq p99 (us) |")
     print("|---:|---:|---:|---:|---:|")
     for b in args.batch_sizes:

@@ -6,8 +6,9 @@ request), starts layer *l* as soon as its q|k|v lands, and leaves when the peer 
 or when the server closes. The work itself is two callables, so any executor can plug in:
 
 - ``begin(meta)``: once per step, before its first layer (also for frees-only messages, whose
-  ``rooms`` are empty). Serialized across threads: page bookkeeping is shared. Raising makes every
-  layer of that step answer with the error (the decode side recomputes those requests locally).
+  ``rooms`` are empty): apply ``meta.frees``, then plan. Runs under ``ShmServer.lock``, which the
+  executor also holds where else it changes pages. Raising makes every layer of that step answer
+  with the error (the decode side recomputes those requests locally).
 - ``attend(meta, layer, q, k, v) -> out``: [rows, H, D]. Runs concurrently for different decode
   instances. q/k/v are views on shared memory, valid until it returns.
 """
@@ -140,7 +141,7 @@ class ShmServer:
         """``device``: where attention runs; a CUDA one accepts CUDA IPC offers."""
         self.attend, self.begin, self.on_close = attend, begin, on_close
         self.device = torch.device(device)
-        self._begin_lock = threading.Lock()
+        self.lock = threading.Lock()  # held around ``begin``: take it too where else pages change
         self._channels: dict[str, tuple[ShmExecutorChannel, threading.Thread]] = {}
 
     def add(self, peer: str, offer: dict, heads: tuple[int, int, int] | None = None) -> None:
@@ -202,7 +203,7 @@ class ShmServer:
         if self.begin is None:
             return ""
         try:
-            with self._begin_lock:
+            with self.lock:
                 self.begin(meta)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
