@@ -4,9 +4,10 @@
 
 One executor process serves both paths with a no-op attention (it answers a preallocated output
 of the right shape), so a round trip is pure transport overhead: packing q|k|v, the doorbell or
-message, the executor's wake-up and copy, the answer. Layers alternate between the two paths in
-one loop, so both see the same machine load. ``--gap-us`` idles the decode side between layers, as
-its dense layers would, so the executor goes to sleep and each layer pays its wake-up.
+message, the executor's wake-up and copy, the answer. Steps of ``--layers`` layers alternate
+between the two paths, so both see the same machine load. ``--gap-us`` keeps the decode side busy
+between layers, as its dense layers would: past the doorbell's spin (30 us) the executor sleeps,
+and each layer then pays its wake-up, as in a real decode step.
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from adrenaline.offload.client import OffloadClient
 from adrenaline.offload.protocol import ATTN_OUT, ATTN_QKV
 from adrenaline.scheduler.request import Req
 from adrenaline.transport import ZmqTransport
+from adrenaline.transport.doorbell import SPIN_S
 from adrenaline.transport.shm_exchange import ShmClientChannel
 from adrenaline.transport.shm_segment import ShmLayout
 from adrenaline.transport.shm_server import ShmServer
 
 
-def _executor(offer: dict, heads: tuple[int, int, int], max_rows: int, conn) -> None:
+def _executor(offer: dict, heads: tuple[int, int, int], max_rows: int, spin_s: float, conn) -> None:
     torch.set_num_threads(1)
     h, _, d = heads
     out = torch.zeros(max_rows, h, d)
-    shm = ShmServer(lambda meta, layer, q, k, v: out[: q.shape[0]])
+    shm = ShmServer(lambda meta, layer, q, k, v: out[: q.shape[0]], spin_s=spin_s)
     shm.add("bench", offer, heads)
     zmq = ZmqTransport()
     conn.send(zmq.address)
@@ -56,6 +58,13 @@ def _zmq_client(address: str, batch: int) -> OffloadClient:
     return client
 
 
+def _busy(seconds: float) -> None:
+    """Keep the core busy, as the decode's dense layers would between two exchanges."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def _pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1e6
@@ -67,7 +76,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, nargs=3, default=[9, 3, 64], help="H Hkv D (default: SmolLM2-135M)")
     ap.add_argument("--iters", type=int, default=3000, help="layers timed per path and batch size")
     ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--gap-us", type=float, default=0.0, help="decode-side idle time between layers")
+    ap.add_argument("--gap-us", type=float, default=0.0, help="decode-side busy time between layers")
+    ap.add_argument("--executor-spin-us", type=float, default=SPIN_S * 1e6, help="see ShmServer's spin_s")
     args = ap.parse_args()
     torch.set_num_threads(1)
     heads, n = tuple(args.heads), max(args.batch_sizes)
@@ -75,7 +85,9 @@ def main() -> None:
     channel = ShmClientChannel.create(ShmLayout(n, h, hkv, d), timeout_s=30)
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_executor, args=(channel.offer(), heads, n, child), daemon=True)
+    proc = ctx.Process(
+        target=_executor, args=(channel.offer(), heads, n, args.executor_spin_us * 1e-6, child), daemon=True
+    )
     proc.start()
     channel.wait_attached(120)
     address = conn.recv()
@@ -89,17 +101,16 @@ def main() -> None:
         zmq = _zmq_client(address, b)
         channel.begin(1, list(range(b)), [2] * b)
         times: dict[str, list[float]] = {"shm": [], "zmq": []}
-        for i in range(args.iters + 100):  # the first 100 warm up
-            layer = i % args.layers
-            q, k, v = torch.randn(b, h, d), torch.randn(b, hkv, d), torch.randn(b, hkv, d)
+        inputs = [(torch.randn(b, h, d), torch.randn(b, hkv, d), torch.randn(b, hkv, d)) for _ in range(4)]
+        for step in range(-(-args.iters // args.layers) + 1):  # step 0 warms up
             for name, path in (("shm", channel), ("zmq", zmq)):
-                if args.gap_us:
-                    time.sleep(args.gap_us * 1e-6)
-                tic = time.perf_counter()
-                path.submit(layer, q, k, v)
-                path.wait(layer)
-                if i >= 100:
-                    times[name].append(time.perf_counter() - tic)
+                for layer in range(args.layers):
+                    _busy(args.gap_us * 1e-6)
+                    tic = time.perf_counter()
+                    path.submit(layer, *inputs[layer % 4])
+                    path.wait(layer)
+                    if step:
+                        times[name].append(time.perf_counter() - tic)
         zmq.transport.close()
         s, z = times["shm"], times["zmq"]
         print(

