@@ -143,6 +143,8 @@ class ShmServer:
         long a thread polls (yielding its core) for the next layer before it sleeps."""
         self.attend, self.begin, self.on_close = attend, begin, on_close
         self.device, self.spin_s = torch.device(device), spin_s
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.lock = threading.Lock()  # held around ``begin``: take it too where else pages change
         self._channels: dict[str, tuple[ShmExecutorChannel, threading.Thread]] = {}
 
