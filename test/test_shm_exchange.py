@@ -16,6 +16,9 @@ import psutil
 import pytest
 import torch
 
+from adrenaline.attention.base import AttentionBatch
+from adrenaline.attention.torch_backend import TorchAttentionBackend
+from adrenaline.kv_cache.pool import KVPool
 from adrenaline.transport import PeerTimeout, TransportError
 from adrenaline.transport.cuda_ipc_exchange import CudaIpcClientChannel
 from adrenaline.transport.doorbell import supported
@@ -290,6 +293,41 @@ def test_two_decode_peers_do_not_block_each_other(executor):
     assert torch.equal(slow.wait(0), oracle(0, q, k, v))
     slow.close()
     fast.close()
+
+
+def test_real_attention_through_the_channel_equals_local():
+    """An executor thread planning and running the torch backend per step through the channel
+    (q/k/v arrive as views on shared memory) against the same attention computed here."""
+    g, page, layers = torch.Generator().manual_seed(4), 4, 3
+    kv = [torch.randn(16, page, HKV, D, generator=g) for _ in range(2 * layers)]
+    here = KVPool.from_tensors([t.clone() for t in kv[:layers]], [t.clone() for t in kv[layers:]])
+    there = KVPool.from_tensors(kv[:layers], kv[layers:])
+    tables = {room: list(range(4 * room, 4 * room + 4)) for room in range(4)}  # room -> its pages
+
+    def batch(rooms: list[int], seq_lens: list[int]) -> AttentionBatch:
+        slots = [tables[r][(n - 1) // page] * page + (n - 1) % page for r, n in zip(rooms, seq_lens)]
+        return AttentionBatch([1] * len(rooms), seq_lens, [tables[r] for r in rooms], torch.tensor(slots))
+
+    remote = TorchAttentionBackend(there, *HEADS)
+    server = ShmServer(
+        lambda meta, layer, q, k, v: remote.forward(layer, q, k, v),
+        begin=lambda meta: remote.plan(batch(meta.rooms, meta.seq_lens)),
+    )
+    ch = ShmClientChannel.create(ShmLayout(MAX_ROWS, *HEADS), WAIT_S)
+    server.add("d", ch.offer(), HEADS)
+    ch.wait_attached(WAIT_S)
+    local = TorchAttentionBackend(here, *HEADS)
+    for step, (rooms, lens) in enumerate([([0, 2, 3], [5, 9, 13]), ([1, 2], [16, 10])]):
+        ch.begin(step, rooms, lens)
+        local.plan(batch(rooms, lens))
+        for layer in range(layers):
+            q, k, v = rand_qkv(len(rooms), g)
+            ch.submit(layer, q, k, v)
+            want = local.forward(layer, q, k, v)
+            assert torch.allclose(ch.wait(layer), want, atol=1e-6), (step, layer)
+    assert all(torch.equal(a, b) for a, b in zip(here.k + here.v, there.k + there.v))  # same KV appended
+    ch.close()
+    server.close()
 
 
 @pytest.mark.gpu
