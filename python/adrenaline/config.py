@@ -24,12 +24,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     random_seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None -> torch's default
+    # Batch-invariant CPU kernels: outputs independent of batch, chunking and offloading (slower).
+    enable_deterministic_inference: bool = False
 
     def __post_init__(self) -> None:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.enable_deterministic_inference and self.attention_backend not in ("auto", "torch"):
+            raise ValueError("--enable-deterministic-inference needs the torch attention backend")
         if self.attention_backend == "auto":
-            self.attention_backend = "flashinfer" if self.device == "cuda" else "torch"
+            gpu_default = "torch" if self.enable_deterministic_inference else "flashinfer"
+            self.attention_backend = gpu_default if self.device == "cuda" else "torch"
         if self.mem_fraction_static is None:
             self.mem_fraction_static = 0.85 if self.device == "cuda" else 0.2
         if self.page_size < 1:

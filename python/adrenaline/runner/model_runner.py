@@ -13,6 +13,7 @@ from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig, resolve_dtype
 from adrenaline.models.loader import load_model
 from adrenaline.scheduler.batch import ForwardBatch
+from sgl_kernel_ext.ops import set_batch_invariant
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        set_batch_invariant(config.enable_deterministic_inference)
         self.model_config = ModelConfig.from_pretrained(model_path)
         hf_dtype = getattr(self.model_config.hf_config, "dtype", None) or getattr(
             self.model_config.hf_config, "torch_dtype", None

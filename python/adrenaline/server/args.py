@@ -70,6 +70,7 @@ def engine_config(sa: Any) -> EngineConfig:
         "device": sa.device or "auto",
         "attention_backend": ATTENTION_BACKENDS[sa.attention_backend],
         "enable_prefix_caching": not sa.disable_radix_cache,
+        "enable_deterministic_inference": bool(getattr(sa, "enable_deterministic_inference", False)),
     }
     for src, dst in PASSTHROUGH.items():
         value = getattr(sa, src, None)
