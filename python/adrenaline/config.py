@@ -22,7 +22,6 @@ class EngineConfig:
     max_running_requests: int = 256
     max_prefill_tokens: int = 16384
     enable_prefix_caching: bool = True
-    random_seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None -> torch's default
     # Batch-invariant CPU kernels: outputs independent of batch, chunking and offloading (slower).
     enable_deterministic_inference: bool = False

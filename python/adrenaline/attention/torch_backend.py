@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adrenaline.attention.base import AttentionBackend, AttentionBatch
+from adrenaline.attention.base import AttentionBackend
+from adrenaline.core.batch import AttentionBatch
 from adrenaline.kv_cache.pool import KVPool
 from sgl_kernel_ext import cpu
 from sgl_kernel_ext.ops import batch_invariant, cpu_has_low_precision_fma, paged_decode_attention

@@ -14,6 +14,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 
+def num_pages(tokens: int, page_size: int) -> int:
+    """Pages that hold ``tokens`` tokens."""
+    return -(-tokens // page_size)
+
+
 def page_hashes(tokens: Sequence[int], page_size: int, limit: int | None = None) -> list[bytes]:
     """Chained hashes of the full pages of ``tokens`` (at most ``limit`` pages)."""
     n = len(tokens) // page_size

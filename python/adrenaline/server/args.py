@@ -24,7 +24,6 @@ PASSTHROUGH = {
     "mem_fraction_static": "mem_fraction_static",
     "max_running_requests": "max_running_requests",
     "max_prefill_tokens": "max_prefill_tokens",
-    "random_seed": "random_seed",
     "tokenizer_path": "tokenizer_path",
 }
 

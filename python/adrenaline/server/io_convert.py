@@ -12,8 +12,8 @@ from typing import Any
 
 from sglang.srt.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateReqInput, wrap_as_pickle
 
-from adrenaline.sampling.params import SamplingParams
-from adrenaline.scheduler.request import Req, finish_abort
+from adrenaline.core.request import Bootstrap, Req, finish_abort
+from adrenaline.core.sampling_params import SamplingParams
 
 # SGLang's INIT_INCREMENTAL_DETOKENIZATION_OFFSET: prompt ids the detokenizer gets as left context.
 DETOKENIZE_CONTEXT = 5
@@ -87,10 +87,6 @@ def req_from_tokenized(msg: TokenizedGenerateReqInput, context_len: int) -> Req:
             raise ValueError(f"{name} is not supported by this server")
     ids = list(msg.input_ids) if msg.input_ids is not None else []
     params = sampling_params_from_sglang(msg.sampling_params, len(ids), context_len)
-    extra = {
-        "http_worker_ipc": msg.http_worker_ipc,
-        "bootstrap": (msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room),
-    }
     return Req(
         rid=msg.rid,
         input_ids=ids,
@@ -99,7 +95,8 @@ def req_from_tokenized(msg: TokenizedGenerateReqInput, context_len: int) -> Req:
         logprob_start_len=msg.logprob_start_len if msg.return_logprob else -1,
         top_logprobs_num=msg.top_logprobs_num or 0,
         stream=bool(msg.stream),
-        extra=extra,
+        bootstrap=Bootstrap(msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room),
+        extra={"http_worker_ipc": msg.http_worker_ipc},
     )
 
 
