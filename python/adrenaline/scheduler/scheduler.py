@@ -25,9 +25,11 @@ from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.sampling.grammar import GrammarCompiler
 from adrenaline.sampling.sampler import Sampler, top_logprobs
 from adrenaline.scheduler.batch import ForwardBatch, ScheduledReq
+from adrenaline.scheduler.faults import fail, guard, sample_isolated
 from adrenaline.scheduler.finish import FinishChecker
 from adrenaline.scheduler.headroom import Headroom
 from adrenaline.scheduler.request import Req, finish_abort, finish_length
+from adrenaline.scheduler.validate import check_request
 from adrenaline.transport.base import TransportError
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ class Scheduler:
     # ---- requests in and out ------------------------------------------------------------------
     def validate(self, req: Req) -> None:
         """Raise ValueError (a client error) for a request that can never be served."""
+        check_request(req, self.runner.model_config.vocab_size)
         n = len(req.input_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -88,9 +91,9 @@ class Scheduler:
             raise ValueError("structured output needs a tokenizer; this server runs with skip_tokenizer_init")
         if self.finish.tokenizer is None and req.params.stop:
             raise ValueError("stop strings need a tokenizer; this server runs with skip_tokenizer_init")
-        if req.logprob_start_len >= n:
+        if req.logprob_start_len > n:  # == n: no prompt logprobs, as in SGLang
             raise ValueError(
-                f"logprob_start_len ({req.logprob_start_len}) must be below the prompt length ({n})"
+                f"logprob_start_len ({req.logprob_start_len}) must be at most the prompt length ({n})"
             )
 
     def prepare(self, req: Req) -> None:
@@ -250,6 +253,11 @@ class Scheduler:
                 self._retract(req)
                 self.stats.offload_fallbacks += 1
             return []
+        except Exception as e:  # a failed pass cannot be pinned on one request: fail its batch
+            failed = [it.req for it in items]
+            for req in failed:
+                fail(req, e)
+            return self._retire(failed)
         self.stats.forward_passes += 1
         self.headroom.step()
         self.stats.batched_requests += len(items)
@@ -261,32 +269,43 @@ class Scheduler:
         """Record prompt logprobs, sample, check finish, free finished requests."""
         row = 0
         sample_rows, sample_reqs = [], []
+        progressed: list[Req] = []
         for it in items:
             req = it.req
             req.num_computed = it.end
             if it.start < len(req.input_ids):
                 self.stats.prompt_tokens_computed += min(it.end, len(req.input_ids)) - it.start
             if it.prompt_rows:
-                self._record_prompt_logprobs(req, logits[row : row + len(it.prompt_rows)])
+                if not guard(req, self._record_prompt_logprobs, req, logits[row : row + len(it.prompt_rows)]):
+                    progressed.append(req)
                 row += len(it.prompt_rows)
             if it.sample:
-                sample_rows.append(row)
-                sample_reqs.append(req)
+                if not req.finished:
+                    sample_rows.append(row)
+                    sample_reqs.append(req)
                 row += 1
-        progressed: list[Req] = []
         if sample_reqs:
-            out = self.sampler(
-                logits[sample_rows],
-                [r.sample_row(len(r.output_ids) < r.params.min_new_tokens) for r in sample_reqs],
-            )
-            for j, req in enumerate(sample_reqs):
-                self._append_token(req, out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
+            rows = [r.sample_row(len(r.output_ids) < r.params.min_new_tokens) for r in sample_reqs]
+            for req, out in zip(
+                sample_reqs, sample_isolated(self.sampler, logits, sample_rows, sample_reqs, rows)
+            ):
+                if out is not None:
+                    guard(req, self._append_token, req, *out)
                 progressed.append(req)
         for it in items:  # a prefill of max_new_tokens=0 ends without sampling
             req = it.req
-            if not it.sample and it.end == req.seq_len and req.params.max_new_tokens == 0:
+            if (
+                not it.sample
+                and not req.finished
+                and it.end == req.seq_len
+                and req.params.max_new_tokens == 0
+            ):
                 req.finished_reason = finish_length(0)
                 progressed.append(req)
+        return self._retire(progressed)
+
+    def _retire(self, progressed: list[Req]) -> list[Req]:
+        """Free the finished requests among ``progressed``; return ``progressed``."""
         for req in progressed:
             if req.finished:
                 self._release(req)
