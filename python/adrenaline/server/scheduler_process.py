@@ -38,6 +38,7 @@ from adrenaline.server.args import AdrenalineArgs, engine_config
 from adrenaline.server.control import ControlHandler
 from adrenaline.server.io_convert import OutputBatch, rejected_req, req_from_tokenized
 from adrenaline.server.state import LoadPublisher, SchedulerState
+from adrenaline.server.validate import check_parallel_samples
 from adrenaline.transport import create_transport
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class SchedulerProcess:
             "scheduler_startup_time": self.startup_time,
         }
         self.outputs = OutputBatch()
+        self.max_parallel_samples = ours.max_parallel_samples
         self.executor_proc = None
         self.pd = self._pd_manager(server_args, ours)
         self.poller = zmq.Poller()
@@ -197,6 +199,7 @@ class SchedulerProcess:
 
     def _add(self, msg: io.TokenizedGenerateReqInput) -> None:
         try:
+            check_parallel_samples(msg, self.max_parallel_samples)
             req: Req = req_from_tokenized(msg, self.context_len)
             (self.pd or self.scheduler).add_request(req)
         except ValueError as e:  # the client's mistake: HTTP 400 with the message
