@@ -10,9 +10,5 @@ def server(tmp_path_factory):
     pytest.importorskip("sglang.srt.entrypoints.http_server")
     from server_utils import Server
 
-    srv = Server(tmp_path_factory.mktemp("reliability"))
-    try:
-        srv.wait_ready()
+    with Server(tmp_path_factory.mktemp("reliability")) as srv:
         yield srv
-    finally:
-        srv.stop()
