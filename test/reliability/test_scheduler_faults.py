@@ -153,4 +153,7 @@ def test_fatal_errors_end_the_scheduler(engine, exc, caplog):
     engine.runner.forward = broken
     with caplog.at_level(logging.CRITICAL), pytest.raises(type(exc)):
         engine.scheduler.step()
-    assert any("fatal error" in r.getMessage() and "exits" in r.getMessage() for r in caplog.records)
+    assert any(
+        "fatal error in a forward pass" in r.getMessage() and "exits" in r.getMessage()
+        for r in caplog.records
+    )

@@ -43,13 +43,23 @@ def _raise_if_fatal(exc: Exception, where: str) -> None:
         raise exc
 
 
+def _internal_error(exc: Exception) -> dict:
+    return finish_abort(f"internal error serving this request: {type(exc).__name__}: {exc}", 500)
+
+
 def fail(req: Req, exc: Exception) -> None:
     """End ``req`` with HTTP 500 for ``exc``; re-raise ``exc`` when nothing can be served after it."""
     _raise_if_fatal(exc, f"while serving request {req.rid}")
     logger.error("request %s failed: %r", req.rid, exc, exc_info=exc)
-    req.finished_reason = finish_abort(
-        f"internal error serving this request: {type(exc).__name__}: {exc}", 500
-    )
+    req.finished_reason = _internal_error(exc)
+
+
+def fail_batch(reqs: list[Req], exc: Exception) -> None:
+    """``fail`` for every request of a forward pass that raised, logged once."""
+    _raise_if_fatal(exc, "in a forward pass")
+    logger.error("a forward pass failed: its %d requests fail: %r", len(reqs), exc, exc_info=exc)
+    for req in reqs:
+        req.finished_reason = _internal_error(exc)
 
 
 def guard(req: Req, fn: Callable[..., object], *args: object) -> bool:

@@ -25,7 +25,7 @@ from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.sampling.grammar import GrammarCompiler
 from adrenaline.sampling.sampler import Sampler, top_logprobs
 from adrenaline.scheduler.batch import ForwardBatch, ScheduledReq
-from adrenaline.scheduler.faults import fail, guard, sample_isolated
+from adrenaline.scheduler.faults import fail_batch, guard, sample_isolated
 from adrenaline.scheduler.finish import FinishChecker
 from adrenaline.scheduler.headroom import Headroom
 from adrenaline.scheduler.request import Req, finish_abort, finish_length
@@ -255,8 +255,7 @@ class Scheduler:
             return []
         except Exception as e:  # a failed pass cannot be pinned on one request: fail its batch
             failed = [it.req for it in items]
-            for req in failed:
-                fail(req, e)
+            fail_batch(failed, e)
             return self._retire(failed)
         self.stats.forward_passes += 1
         self.headroom.step()
