@@ -53,6 +53,17 @@ class Server:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         self.proc = spawn(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
+    def __enter__(self) -> Server:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 

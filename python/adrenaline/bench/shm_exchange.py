@@ -19,9 +19,9 @@ import torch
 import torch.multiprocessing as mp
 
 from adrenaline.attention.base import AttentionBatch
+from adrenaline.core.request import Req
 from adrenaline.offload.client import OffloadClient
 from adrenaline.offload.protocol import ATTN_OUT, ATTN_QKV
-from adrenaline.scheduler.request import Req
 from adrenaline.transport import ZmqTransport
 from adrenaline.transport.doorbell import SPIN_S
 from adrenaline.transport.shm_exchange import ShmClientChannel

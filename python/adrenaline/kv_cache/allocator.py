@@ -37,6 +37,10 @@ class OutOfPages(RuntimeError):
     pass
 
 
+class KVPoolCorrupted(RuntimeError):
+    """The page accounting is broken: no request can be served correctly any more."""
+
+
 class PageAllocator:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_pages = num_pages
@@ -82,13 +86,13 @@ class PageAllocator:
         """Take one more reference on held pages (a KV transfer keeps them past their request)."""
         for p in pages:
             if self._refs[p] <= 0:
-                raise RuntimeError(f"retain of free page {p}")
+                raise KVPoolCorrupted(f"retain of free page {p}")
             self._refs[p] += 1
 
     def free(self, pages: Sequence[int]) -> None:
         for p in pages:
             if self._refs[p] <= 0:
-                raise RuntimeError(f"double free of page {p}")
+                raise KVPoolCorrupted(f"double free of page {p}")
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 if p in self._hash_of:

@@ -10,13 +10,13 @@ import dataclasses
 
 import torch
 
+from adrenaline.core.request import Req
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig
 from adrenaline.offload.client import OffloadClient
 from adrenaline.offload.process import start_executor
 from adrenaline.offload.protocol import EXEC_ALLOC, EXEC_REPLY
 from adrenaline.profile.measure import PAGE, best_ms, decode_batch
-from adrenaline.scheduler.request import Req
 from adrenaline.transport import create_transport
 
 TOKENS = PAGE  # KV tokens per request: one page

@@ -7,6 +7,7 @@ import torch
 
 from adrenaline.core.request import Req
 from adrenaline.sampling.grammar import GrammarCompiler
+from adrenaline.scheduler.validate import check_request
 
 
 class Intake:
@@ -26,6 +27,7 @@ class Intake:
 
     def validate(self, req: Req) -> None:
         """Raise ValueError (a client error) for a request that can never be served."""
+        check_request(req, self.vocab_size)
         n = len(req.input_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -39,9 +41,9 @@ class Intake:
             raise ValueError("structured output needs a tokenizer; this server runs with skip_tokenizer_init")
         if not self.has_tokenizer and req.params.stop:
             raise ValueError("stop strings need a tokenizer; this server runs with skip_tokenizer_init")
-        if req.logprob_start_len >= n:
+        if req.logprob_start_len > n:  # == n: no prompt logprobs, as in SGLang
             raise ValueError(
-                f"logprob_start_len ({req.logprob_start_len}) must be below the prompt length ({n})"
+                f"logprob_start_len ({req.logprob_start_len}) must be at most the prompt length ({n})"
             )
 
     def prepare(self, req: Req) -> None:

@@ -10,6 +10,7 @@ import torch
 from adrenaline.core.batch import ScheduledReq
 from adrenaline.core.request import Req, finish_length
 from adrenaline.sampling.sampler import Sampler, SampleRow, top_logprobs
+from adrenaline.scheduler.faults import guard, sample_isolated
 from adrenaline.scheduler.finish import FinishChecker
 
 
@@ -30,30 +31,43 @@ class Outputs:
         self.stats = stats
 
     def process(self, items: list[ScheduledReq], logits: torch.Tensor) -> list[Req]:
-        """Record prompt logprobs, sample, check finish; return the requests that progressed."""
+        """Record prompt logprobs, sample, check finish; return the requests that progressed.
+
+        Each request's part runs guarded (``faults.py``): a failure ends that request with a 500
+        and the others go on."""
         row = 0
         sample_rows, sample_reqs = [], []
+        progressed: list[Req] = []
         for it in items:
             req = it.req
             req.num_computed = it.end
             if it.start < len(req.input_ids):
                 self.stats.prompt_tokens_computed += min(it.end, len(req.input_ids)) - it.start
             if it.prompt_rows:
-                self._record_prompt_logprobs(req, logits[row : row + len(it.prompt_rows)])
+                if not guard(req, self._record_prompt_logprobs, req, logits[row : row + len(it.prompt_rows)]):
+                    progressed.append(req)
                 row += len(it.prompt_rows)
             if it.sample:
-                sample_rows.append(row)
-                sample_reqs.append(req)
+                if not req.finished:
+                    sample_rows.append(row)
+                    sample_reqs.append(req)
                 row += 1
-        progressed: list[Req] = []
         if sample_reqs:
-            out = self.sampler(logits[sample_rows], [SampleRow.of(r) for r in sample_reqs])
-            for j, req in enumerate(sample_reqs):
-                self.append_token(req, out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
+            rows = [SampleRow.of(r) for r in sample_reqs]
+            for req, out in zip(
+                sample_reqs, sample_isolated(self.sampler, logits, sample_rows, sample_reqs, rows)
+            ):
+                if out is not None:
+                    guard(req, self.append_token, req, *out)
                 progressed.append(req)
         for it in items:  # a prefill of max_new_tokens=0 ends without sampling
             req = it.req
-            if not it.sample and it.end == req.seq_len and req.params.max_new_tokens == 0:
+            if (
+                not it.sample
+                and not req.finished
+                and it.end == req.seq_len
+                and req.params.max_new_tokens == 0
+            ):
                 req.finished_reason = finish_length(0)
                 progressed.append(req)
         return progressed

@@ -27,6 +27,7 @@ from adrenaline.kv_cache.allocator import PageAllocator, num_pages, page_hashes
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.sampling.grammar import GrammarCompiler
 from adrenaline.sampling.sampler import Sampler
+from adrenaline.scheduler.faults import fail_batch
 from adrenaline.scheduler.finish import FinishChecker
 from adrenaline.scheduler.headroom import Headroom
 from adrenaline.scheduler.hooks import SchedulerHooks
@@ -256,6 +257,10 @@ class Scheduler:
             for req in reqs:
                 self._retract(req)
             return []
+        except Exception as e:  # a failed pass cannot be pinned on one request: fail its batch
+            failed = [it.req for it in items]
+            fail_batch(failed, e)
+            return self._retire(failed)
         self.stats.forward_passes += 1
         self.headroom.step()
         self.stats.batched_requests += len(items)
@@ -265,6 +270,10 @@ class Scheduler:
     def process(self, items: list[ScheduledReq], logits: torch.Tensor) -> list[Req]:
         """Record prompt logprobs, sample, check finish, free finished requests."""
         progressed = self.outputs.process(items, logits)
+        return self._retire(progressed)
+
+    def _retire(self, progressed: list[Req]) -> list[Req]:
+        """Free the finished requests among ``progressed``; return ``progressed``."""
         for req in progressed:
             if req.finished:
                 self._release(req)

@@ -94,6 +94,7 @@ class AdrenalineArgs:
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
     offload_timeout: float = 10.0
+    max_parallel_samples: int = 16
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -143,12 +144,21 @@ class AdrenalineArgs:
             help="decode: seconds to wait for an executor's layer output before recomputing locally",
         )
 
+        group.add_argument(
+            "--max-parallel-samples",
+            type=int,
+            default=AdrenalineArgs.max_parallel_samples,
+            help="largest n (parallel samples) one request may ask for; above it: HTTP 400",
+        )
+
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> AdrenalineArgs:
         args = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
         for name in ("pd_timeout", "offload_timeout"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if args.max_parallel_samples < 1:
+            raise ValueError("--max-parallel-samples must be at least 1")
         if args.attention_offload_ratio < 0:
             raise ValueError("--attention-offload-ratio must be >= 0")
         return args

@@ -14,6 +14,7 @@ from sglang.srt.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateR
 
 from adrenaline.core.request import Bootstrap, Req, finish_abort
 from adrenaline.core.sampling_params import SamplingParams
+from adrenaline.server.validate import client_message
 
 # SGLang's INIT_INCREMENTAL_DETOKENIZATION_OFFSET: prompt ids the detokenizer gets as left context.
 DETOKENIZE_CONTEXT = 5
@@ -108,6 +109,16 @@ def rejected_req(msg: Any, message: str, status_code: int = 400) -> Req:
     return req
 
 
+def public_reason(reason: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A finish reason as the client gets it: abort messages without server paths."""
+    if reason is None:
+        return None
+    reason = dict(reason)
+    if isinstance(reason.get("message"), str):
+        reason["message"] = client_message(reason["message"])
+    return reason
+
+
 @dataclass
 class _Sent:
     """How much of one request the front end already has."""
@@ -183,7 +194,7 @@ class OutputBatch:
         return BatchTokenIDOutput(
             rids=[r.rid for r in reqs],
             http_worker_ipcs=[r.extra.get("http_worker_ipc") for r in reqs],
-            finished_reasons=[dict(r.finished_reason) if r.finished_reason else None for r in reqs],
+            finished_reasons=[public_reason(r.finished_reason) for r in reqs],
             decoded_texts=["" for _ in reqs],
             decode_ids=cols["decode_ids"],
             read_offsets=cols["read_offsets"],

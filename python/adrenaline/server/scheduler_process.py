@@ -30,6 +30,7 @@ from adrenaline.server.control import ControlHandler
 from adrenaline.server.io_convert import OutputBatch, rejected_req, req_from_tokenized
 from adrenaline.server.roles import build_role
 from adrenaline.server.state import LoadPublisher, SchedulerState
+from adrenaline.server.validate import check_parallel_samples
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class SchedulerProcess:
             "kv_cache_gb": self.runner.pool.nbytes() / 2**30,
             "scheduler_startup_time": self.startup_time,
         }
+        self.max_parallel_samples = ours.max_parallel_samples
         self.poller = zmq.Poller()
         self.poller.register(self.recv, zmq.POLLIN)
         if self.pd is not None:
@@ -148,6 +150,7 @@ class SchedulerProcess:
 
     def _add(self, msg: io.TokenizedGenerateReqInput) -> None:
         try:
+            check_parallel_samples(msg, self.max_parallel_samples)
             req: Req = req_from_tokenized(msg, self.context_len)
             (self.pd or self.scheduler).add_request(req)
         except ValueError as e:  # the client's mistake: HTTP 400 with the message
