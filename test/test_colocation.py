@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
+from adrenaline.core.profile import Curve, Grid, Profile
 from adrenaline.offload.colocation import CoreSplit, choose_executor_threads, split_cores
-from adrenaline.profile.schema import Curve, Grid, Profile
 
 
 @pytest.fixture

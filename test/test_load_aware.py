@@ -10,10 +10,10 @@ import random
 
 import pytest
 
+from adrenaline.core.profile import Curve, Grid, Profile
 from adrenaline.offload import paper_bounds
 from adrenaline.offload.ledger import ExecutorLedger
 from adrenaline.offload.load_aware import Candidate, ExecutorLoad, LoadAwarePolicy, LoadView, Reason, Slo
-from adrenaline.profile.schema import Curve, Grid, Profile
 
 LAYERS = 4
 

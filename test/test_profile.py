@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from adrenaline.core.profile import load_profile
 from adrenaline.profile.run import Plan, rising_grid
-from adrenaline.profile.schema import load_profile
 
 
 def test_rising_grid_is_a_running_max_along_both_axes():

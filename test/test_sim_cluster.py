@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
+from adrenaline.core.profile import save_profile
 from adrenaline.offload.load_aware import LoadAwarePolicy, Slo
 from adrenaline.offload.policy import StaticRatioPolicy
-from adrenaline.profile.schema import save_profile
 from adrenaline.sim.cli import main
 from adrenaline.sim.cluster import Cluster, Deployment
 from adrenaline.sim.cost import AnalyticCost

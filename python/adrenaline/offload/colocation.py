@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from adrenaline.profile.schema import Profile
+from adrenaline.core.profile import Profile
 
 
 @dataclass

@@ -28,7 +28,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from adrenaline.profile.schema import Profile
+from adrenaline.core.profile import Profile
 
 
 class Reason(str, enum.Enum):

@@ -13,7 +13,7 @@ executor's at its share against the decode side's local one.
 
 from __future__ import annotations
 
-from adrenaline.profile.schema import Profile
+from adrenaline.core.profile import Profile
 
 
 def ob_mem(

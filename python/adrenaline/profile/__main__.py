@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from adrenaline.core.profile import save_profile
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.profile.cache import default_profile_path
 from adrenaline.profile.plots import write_plots
 from adrenaline.profile.run import run_profile
-from adrenaline.profile.schema import save_profile
 
 
 def main(argv: list[str] | None = None) -> Path:

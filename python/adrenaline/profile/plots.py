@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adrenaline.profile.schema import Curve, Grid, Profile
+from adrenaline.core.profile import Curve, Grid, Profile
 
 CURVES = {
     "decode_dense": ("decode batch", "ms per step (dense, all layers)"),

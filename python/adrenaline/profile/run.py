@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adrenaline.core.profile import Curve, Grid, Profile, load_profile, save_profile
 from adrenaline.profile.cache import default_profile_path, machine
 from adrenaline.profile.exchange import ExchangeRig
 from adrenaline.profile.interference import prefill_under_load
 from adrenaline.profile.measure import Rig
-from adrenaline.profile.schema import Curve, Grid, Profile, load_profile, save_profile
 
 
 def rising(ys: list[float]) -> list[float]:

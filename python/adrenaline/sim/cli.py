@@ -16,8 +16,8 @@ import sys
 import time
 from dataclasses import fields
 
+from adrenaline.core.profile import load_profile
 from adrenaline.offload.load_aware import Slo
-from adrenaline.profile.schema import load_profile
 from adrenaline.sim.cluster import Deployment
 from adrenaline.sim.cost import AnalyticCost
 from adrenaline.sim.hardware import PRESETS, Assumptions, gpu

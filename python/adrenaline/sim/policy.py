@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from adrenaline.core.profile import Profile
 from adrenaline.offload.load_aware import Candidate, ExecutorLoad, LoadAwarePolicy, LoadView, Slo
 from adrenaline.offload.policy import StaticRatioPolicy
-from adrenaline.profile.schema import Profile
 from adrenaline.sim.request import SimReq
 
 if TYPE_CHECKING:

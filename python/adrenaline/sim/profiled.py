@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from adrenaline.profile.schema import Curve, Grid, Profile
+from adrenaline.core.profile import Curve, Grid, Profile
 from adrenaline.sim.cost import AnalyticCost
 from adrenaline.sim.model import ModelSpec
 

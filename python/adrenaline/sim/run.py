@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from adrenaline.core.profile import Profile
 from adrenaline.offload.load_aware import Slo
-from adrenaline.profile.schema import Profile
 from adrenaline.sim.cluster import Cluster, Deployment
 from adrenaline.sim.cost import AnalyticCost, CostModel
 from adrenaline.sim.metrics import Summary, summarize
