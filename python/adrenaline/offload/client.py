@@ -66,8 +66,7 @@ class OffloadClient(RemoteAttention):
 
     def submit(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.device = q.device
-        qkv = torch.cat([q, k, v], dim=1)  # one transfer per executor: [rows, H + 2 Hkv, D]
-        self.exchange.submit(self.step, layer, self.groups, qkv)
+        self.exchange.submit(self.step, layer, self.groups, q, k, v)
 
     def wait(self, layer: int) -> torch.Tensor:
         tic = time.perf_counter()
