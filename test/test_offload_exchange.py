@@ -6,6 +6,8 @@ static ratio policy; executor page accounting; protocol version mismatch."""
 from __future__ import annotations
 
 import glob
+import os
+import signal
 import threading
 import time
 
@@ -22,6 +24,7 @@ from adrenaline.offload.exchange import AttentionExchange, Group, TransportExcha
 from adrenaline.offload.executor import AttentionExecutor
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.policy import LoadView, StaticRatioPolicy
+from adrenaline.offload.process import start_executor
 from adrenaline.offload.protocol import OFFLOAD, AttnQKV, AttnStep, ExecAlloc
 from adrenaline.offload.shm import ShmExchange
 from adrenaline.scheduler.placement import LocalLoad
@@ -234,3 +237,33 @@ def test_static_ratio_policy(ratio, cap, expected):
         offloaded += decision.offload
         assert decision.reason
     assert offloaded == expected
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_executor_process_under_shm_falls_back_without_leftovers(sig):
+    """A real executor process behind the shared-memory path, killed: the next step raises
+    ``RemoteAttentionError`` (local recomputation) within the timeout, and ``/dev/shm`` is clean."""
+    before = shm_files()
+    proc, address = start_executor(make_pool(8), H, HKV, "torch", ("tcp", "127.0.0.1", None))
+    decode = ZmqTransport()
+    exchange = make_exchange("shm", decode, 5)
+    client = OffloadClient(exchange, timeout_s=5)
+    client.prepare([(address, 7)])
+    batch = AttentionBatch([1], [4], [[]], torch.tensor([-1]))
+    qkv = (torch.zeros(1, H, D), torch.zeros(1, HKV, D), torch.zeros(1, HKV, D))
+    client.begin(batch)
+    client.submit(0, *qkv)
+    with pytest.raises(RemoteAttentionError, match="unknown bootstrap rooms"):  # answered over shm
+        client.wait(0)
+    assert list(exchange.channels) == [address]
+    os.kill(proc.pid, sig)
+    proc.join(30)
+    tic = time.monotonic()
+    with pytest.raises(RemoteAttentionError):
+        client.begin(batch)
+        client.submit(0, *qkv)
+        client.wait(0)
+    assert time.monotonic() - tic < 6 and not exchange.channels
+    exchange.close()
+    decode.close()
+    assert shm_files() <= before
