@@ -127,6 +127,8 @@ def test_offloaded_attention_equals_local_per_layer(executor, kind, max_rows):
     client.prepare(targets)
     for step in range(2):
         run_step(client, local, local_pages, [n + 1 + step for n in prompt_lens], g)
+    (times,) = client.recent  # the first step, completed when the second began
+    assert times.executor_wait_s > 0 and times.exchange_s > 0 and times.local_attention_s > 0
     if isinstance(exchange, ShmExchange):
         assert list(exchange.channels) == [executor.transport.address]  # same host: attached
         assert executor.shm.peers() == [f"shm:{decode.address}"]
