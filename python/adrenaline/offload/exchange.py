@@ -70,6 +70,10 @@ class AttentionExchange(ABC):
     def close(self) -> None:
         """Release what the data path holds."""
 
+    def info(self) -> dict:
+        """Which path carries each executor's per-layer data (``/server_info``)."""
+        return {"kind": "tcp"}
+
 
 class TransportExchange(AttentionExchange):
     def __init__(self, transport: Transport) -> None:

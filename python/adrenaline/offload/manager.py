@@ -117,7 +117,7 @@ class OffloadManager(Placement):
             "step_s": view.step_s,
             "exchange_wait_s": view.exchange_wait_s,
             "step_breakdown_s": asdict(self.client.breakdown),
-            "exchange": type(self.client.exchange).__name__,
+            "exchange": self.client.exchange.info(),
             "executors": {a: asdict(e) for a, e in view.executors.items()},
             **asdict(self.stats),
         }

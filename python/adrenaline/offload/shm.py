@@ -164,6 +164,13 @@ class ShmExchange(AttentionExchange):
         if rooms:
             self.tcp.free(executor, rooms)
 
+    def info(self) -> dict:
+        return {
+            "kind": self.mode,
+            "shm_executors": sorted(self.channels),
+            "tcp_executors": sorted(self.tcp_only),
+        }
+
     def close(self) -> None:
         for ch in self.channels.values():
             ch.close()
