@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from adrenaline.attention.base import RemoteAttentionError
 from adrenaline.offload.protocol import (
@@ -47,15 +48,7 @@ class AttentionExchange(ABC):
         """Announce a step to each group's executor, with the rooms freed since the last one."""
 
     @abstractmethod
-    def submit(
-        self,
-        step: int,
-        layer: int,
-        groups: Sequence[Group],
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> None:
+    def submit(self, step: int, layer: int, groups: Sequence[Group], q: Tensor, k: Tensor, v: Tensor) -> None:
         """Ship each group's rows of q [rows, H, D], k and v [rows, Hkv, D]; must not block."""
 
     @abstractmethod
@@ -91,15 +84,7 @@ class TransportExchange(AttentionExchange):
             msg = AttnStep(OFFLOAD_VERSION, step, g.rooms, g.seq_lens, frees.pop(g.executor, []))
             self._send(g.executor, msg)
 
-    def submit(
-        self,
-        step: int,
-        layer: int,
-        groups: Sequence[Group],
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> None:
+    def submit(self, step: int, layer: int, groups: Sequence[Group], q: Tensor, k: Tensor, v: Tensor) -> None:
         qkv = torch.cat([q, k, v], dim=1)  # one transfer per executor: [rows, H + 2 Hkv, D]
         for g in groups:
             self._send(g.executor, AttnQKV(step, layer), (qkv[g.start : g.start + len(g.rooms)],))

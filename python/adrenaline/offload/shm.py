@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from adrenaline.attention.base import RemoteAttentionError
 from adrenaline.offload.exchange import AttentionExchange, Group, TransportExchange
@@ -121,15 +122,7 @@ class ShmExchange(AttentionExchange):
                 frees[g.executor] = pending[taken:]
         self.tcp.begin(step, tcp, frees)
 
-    def submit(
-        self,
-        step: int,
-        layer: int,
-        groups: Sequence[Group],
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> None:
+    def submit(self, step: int, layer: int, groups: Sequence[Group], q: Tensor, k: Tensor, v: Tensor) -> None:
         shm, tcp = self._split(groups)
         for g, ch in shm:
             if g.executor in self.errors:
