@@ -1,10 +1,11 @@
 """Attention offloading end to end on CPU, through SGLang's router.
 
-One prefill instance with its attention executor serves three decode instances at offload
-ratios 0, 0.5 and "all" (inf), each behind its own router. Outputs must equal the offline
-``Engine`` (greedy, float32) token for token; offloaded requests move no KV to the decode side;
-the executor's KV is free once requests finish or are aborted. The last test kills the executor
-mid-decode: the decode instance recomputes locally and keeps serving.
+One prefill instance with its attention executor serves five decode instances at offload
+ratios 0, 0.5 and "all" (inf), each behind its own router; at 0.5 and "all", one exchanges
+per-layer data over shared memory (same host: the default, ``auto``) and one over TCP. Outputs
+must equal the offline ``Engine`` (greedy, float32) token for token; offloaded requests move no
+KV to the decode side; the executor's KV is free once requests finish or are aborted. The last
+test kills the executor mid-decode: the decode instance recomputes locally and keeps serving.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from server_utils import Server, free_port, generate, internal_state, wait_kv_fr
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
 TIMEOUT_S = 20
-RATIOS = {"none": "0", "half": "0.5", "all": "inf"}
+RATIOS = {  # name -> (offload ratio, --offload-exchange)
+    "none": ("0", "auto"),
+    "half": ("0.5", "auto"),
+    "all": ("inf", "auto"),
+    "half-tcp": ("0.5", "tcp"),
+    "all-tcp": ("inf", "tcp"),
+}
 LENGTHS = [4, 21, 40, 9, 70, 33]
 KV_BYTES_PER_PAGE = 30 * 2 * 16 * 3 * 64 * 4  # layers, k+v, page, kv heads, head dim, float32
 
@@ -37,11 +44,12 @@ class Deployment:
             str(self.bootstrap), "--enable-attention-offload", "--pd-timeout", str(TIMEOUT_S), threads=1,
         )  # fmt: skip
         self.decodes, self.urls = {}, {}
-        for name, ratio in RATIOS.items():
+        for name, (ratio, exchange) in RATIOS.items():
             (tmp / name).mkdir()
             self.decodes[name] = Server(
                 tmp / name, "--disaggregation-mode", "decode", "--attention-offload-ratio", ratio,
-                "--pd-timeout", str(TIMEOUT_S), "--offload-timeout", "3", threads=1,
+                "--offload-exchange", exchange, "--pd-timeout", str(TIMEOUT_S), "--offload-timeout", "3",
+                threads=1,
             )  # fmt: skip
         self.routers = Cluster(str(tmp))
 
@@ -97,10 +105,14 @@ def test_outputs_identical_at_every_ratio(dep, engine, name):
     after = internal_state(decode)["disaggregation"]
     if name == "none":
         assert not any(offloaded)
-    elif name == "all":
+    elif name.startswith("all"):
         assert all(offloaded)
     else:
         assert 0 < sum(offloaded) < 6
+    if name != "none":  # the data path the flag chose: shared memory on this host unless tcp
+        exchange = after["offload"]["exchange"]
+        assert (exchange["kind"] == "tcp") == name.endswith("-tcp")
+        assert bool(exchange.get("shm_executors")) == (not name.endswith("-tcp")), exchange
     # KV crosses only for local requests: the offloaded ones' KV never reaches the decode side
     local_pages = sum(-(-len(x) // 16) for x, off in zip(ids, offloaded) if not off)
     assert after["kv_bytes"] - before["kv_bytes"] == local_pages * KV_BYTES_PER_PAGE

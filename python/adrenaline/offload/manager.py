@@ -15,7 +15,7 @@ from typing import Any
 
 from adrenaline.attention.base import RemoteAttention
 from adrenaline.core.request import Req
-from adrenaline.offload.client import OffloadClient
+from adrenaline.offload.client import OffloadClient, StepTimes
 from adrenaline.offload.exchange import AttentionExchange
 from adrenaline.offload.policy import ExecutorLoad, LoadView, OffloadPolicy
 from adrenaline.scheduler.placement import LocalLoad, Placement
@@ -101,6 +101,12 @@ class OffloadManager(Placement):
     def tick(self) -> None:
         self.client.flush()
 
+    def completed_steps(self) -> list[StepTimes]:
+        """The offloaded steps' breakdowns since the last call (for the metrics' histograms)."""
+        recent = list(self.client.recent)
+        self.client.recent.clear()
+        return recent
+
     def info(self) -> dict[str, Any]:
         view = self.view(LocalLoad(0, 0, 0))
         return {
@@ -110,6 +116,8 @@ class OffloadManager(Placement):
             "offloaded_steps": self.client.step,
             "step_s": view.step_s,
             "exchange_wait_s": view.exchange_wait_s,
+            "step_breakdown_s": asdict(self.client.breakdown),
+            "exchange": self.client.exchange.info(),
             "executors": {a: asdict(e) for a, e in view.executors.items()},
             **asdict(self.stats),
         }

@@ -94,6 +94,7 @@ class AdrenalineArgs:
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
     offload_timeout: float = 10.0
+    offload_exchange: str = "auto"
     max_parallel_samples: int = 16
 
     @staticmethod
@@ -142,6 +143,13 @@ class AdrenalineArgs:
             type=float,
             default=AdrenalineArgs.offload_timeout,
             help="decode: seconds to wait for an executor's layer output before recomputing locally",
+        )
+        group.add_argument(
+            "--offload-exchange",
+            choices=["auto", "shm", "tcp"],
+            default=AdrenalineArgs.offload_exchange,
+            help="decode: per-layer data path to executors: shared memory where the executor is on this "
+            "host, else TCP (auto); shared memory only (shm; without it, recompute locally); tcp",
         )
 
         group.add_argument(

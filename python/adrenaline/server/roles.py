@@ -16,15 +16,17 @@ from adrenaline.disaggregation.common import TransferManager
 from adrenaline.disaggregation.decode import DecodeTransfers
 from adrenaline.disaggregation.prefill import PrefillTransfers
 from adrenaline.kv_cache.pool import KVPool
-from adrenaline.offload.exchange import TransportExchange
+from adrenaline.offload.exchange import AttentionExchange, TransportExchange
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.manager import OffloadManager
 from adrenaline.offload.policy import StaticRatioPolicy
 from adrenaline.offload.process import start_executor
+from adrenaline.offload.shm import ShmExchange
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.server.args import AdrenalineArgs
 from adrenaline.transport import Transport, create_transport
+from adrenaline.transport.shm_segment import ShmLayout
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
         placement = None
         if ours.attention_offload_ratio > 0:
             policy = StaticRatioPolicy(ours.attention_offload_ratio, ours.max_offloaded_requests)
-            placement = OffloadManager(policy, TransportExchange(transport), ours.offload_timeout)
+            exchange = _exchange(ours, runner, config, transport)
+            placement = OffloadManager(policy, exchange, ours.offload_timeout)
         scheduler = Scheduler(runner, config, tokenizer, placement)
         return Role(scheduler, DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit))
     scheduler = Scheduler(runner, config, tokenizer)
@@ -71,6 +74,17 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
     )
     role.pd = PrefillTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, executor=executor)
     return role
+
+
+def _exchange(ours: AdrenalineArgs, runner: ModelRunner, config, transport: Transport) -> AttentionExchange:
+    """The decode side's per-layer data path; shared-memory channels hold the largest offloaded
+    group (``--max-offloaded-requests``, else the running cap): a larger one goes over TCP."""
+    if ours.offload_exchange == "tcp" or runner.device.type != "cpu":
+        return TransportExchange(transport)
+    mc = runner.model_config
+    rows = ours.max_offloaded_requests or config.max_running_requests
+    layout = ShmLayout(rows, mc.num_heads, mc.num_kv_heads, mc.head_dim, runner.dtype)
+    return ShmExchange(transport, layout, ours.offload_timeout, ours.offload_exchange)
 
 
 def _start_executor(
