@@ -1,8 +1,9 @@
 """Attention offloading end to end on CPU, through SGLang's router.
 
-One prefill instance with its attention executor serves five decode instances at offload
-ratios 0, 0.5 and "all" (inf), each behind its own router; at 0.5 and "all", one exchanges
-per-layer data over shared memory (same host: the default, ``auto``) and one over TCP. Outputs
+One prefill instance with its attention executor serves four decode instances at offload
+ratios 0, 0.5 and "all" (inf), each behind its own router; at 0.5 and "all" per-layer data goes
+over shared memory (same host: the default, ``auto``), and a second "all" instance uses TCP (the
+in-process tests in test_pd_state.py cover both paths at other ratios). Outputs
 must equal the offline ``Engine`` (greedy, float32) token for token; offloaded requests move no
 KV to the decode side; the executor's KV is free once requests finish or are aborted. The last
 test kills the executor mid-decode: the decode instance recomputes locally and keeps serving.
@@ -28,7 +29,6 @@ RATIOS = {  # name -> (offload ratio, --offload-exchange)
     "none": ("0", "auto"),
     "half": ("0.5", "auto"),
     "all": ("inf", "auto"),
-    "half-tcp": ("0.5", "tcp"),
     "all-tcp": ("inf", "tcp"),
 }
 LENGTHS = [4, 21, 40, 9, 70, 33]
