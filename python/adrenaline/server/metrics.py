@@ -35,7 +35,13 @@ class SchedulerMetrics:
         self.retractions = Counter(
             "adrenaline:retractions", "Requests retracted for lack of KV pages.", labelnames=names
         ).labels(**self.labels)
+        self.offload_decisions = Counter(
+            "adrenaline:offload_decisions",
+            "Offload decisions of the load-aware policy, by reason (ok: offloaded).",
+            labelnames=[*names, "reason"],
+        )
         self._counted = (0, 0)
+        self._decisions: dict[str, int] = {}
 
     def maybe_log(self, force: bool = False) -> None:
         if not self.throttle.due(force):
@@ -52,3 +58,8 @@ class SchedulerMetrics:
         self.forward_passes.inc(passes - self._counted[0])
         self.retractions.inc(retractions - self._counted[1])
         self._counted = (passes, retractions)
+        decisions = (s.placement.info() or {}).get("decisions", {})
+        for reason, n in decisions.items():
+            counter = self.offload_decisions.labels(**self.labels, reason=reason)
+            counter.inc(n - self._decisions.get(reason, 0))
+        self._decisions = dict(decisions)
