@@ -37,7 +37,6 @@ class LoadAwareOffload(OffloadPolicy):
         self.executors: dict[str, str] = {}  # prefill instance -> its executor's address
         self.refused_until: dict[str, float] = {}  # prefill instance -> when to probe it again
         self.commits: dict[str, tuple[str, int]] = {}  # rid -> (prefill instance, future tokens)
-        self.steps = 0
 
     def decide(self, view: LoadView, req: Req) -> Decision:
         name = prefill_of(req)
@@ -84,9 +83,6 @@ class LoadAwareOffload(OffloadPolicy):
         self.release(req)
 
     def observe(self, view: LoadView) -> None:
-        if view.steps == self.steps:
-            return
-        self.steps = view.steps
         profile = self.policy.profile
         window = profile.local_attention_ms(max(view.num_local, 0), view.local.context)
         wait = view.exchange_wait_s * 1e3 / profile.num_layers

@@ -47,6 +47,7 @@ class OffloadManager(Placement):
         self.stats = OffloadStats()
         self.last_reason = ""
         self.local = LocalLoad(0, 0, 1)  # as the last admission saw it
+        self.observed = 0  # the offloaded step whose measurements the policy last saw
 
     def view(self, local: LocalLoad) -> LoadView:
         executors: dict[str, ExecutorLoad] = {}
@@ -58,8 +59,7 @@ class OffloadManager(Placement):
         for address, (used, total) in self.client.exchange.executor_pages.items():
             e = executors.setdefault(address, ExecutorLoad())
             e.used_pages, e.num_pages = used, total
-        c = self.client
-        return LoadView(local, len(self.homes), executors, c.step_s, c.wait_s, c.step)
+        return LoadView(local, len(self.homes), executors, self.client.step_s, self.client.wait_s)
 
     # ---- Placement ----------------------------------------------------------------------------
     def place(self, req: Req, load: LocalLoad) -> bool:
@@ -109,7 +109,9 @@ class OffloadManager(Placement):
 
     def tick(self) -> None:
         self.client.flush()
-        self.policy.observe(self.view(self.local))
+        if self.client.step != self.observed:
+            self.observed = self.client.step
+            self.policy.observe(self.view(self.local))
 
     def info(self) -> dict[str, Any]:
         view = self.view(LocalLoad(0, 0, 0))

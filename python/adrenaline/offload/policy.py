@@ -30,7 +30,6 @@ class LoadView:
     executors: dict[str, ExecutorLoad] = field(default_factory=dict)
     step_s: float = 0.0  # measured: an offloaded step, begin to the last layer's output
     exchange_wait_s: float = 0.0  # measured: per step, time blocked on executors' outputs
-    steps: int = 0  # offloaded steps so far (the measurements are new when it grew)
 
     @property
     def num_local(self) -> int:
@@ -63,7 +62,7 @@ class OffloadPolicy(ABC):
         self.release(req)
 
     def observe(self, view: LoadView) -> None:
-        """Once per loop iteration, with the live view (new measurements when ``view.steps`` grew)."""
+        """After each offloaded step, with the live view and its new measurements."""
         return None
 
     def counters(self) -> dict[str, int]:
