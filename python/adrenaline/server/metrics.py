@@ -42,6 +42,11 @@ class SchedulerMetrics:
         self.retractions = Counter(
             "adrenaline:retractions", "Requests retracted for lack of KV pages.", labelnames=names
         ).labels(**self.labels)
+        self.offload_decisions = Counter(
+            "adrenaline:offload_decisions",
+            "Offload decisions of the load-aware policy, by reason (ok: offloaded).",
+            labelnames=[*names, "reason"],
+        )
         self._counted = (0, 0)
         self.offload_step = None
         if isinstance(state.scheduler.placement, OffloadManager):
@@ -52,6 +57,7 @@ class SchedulerMetrics:
                 labelnames=[*names, "part"],
                 buckets=STEP_BUCKETS,
             )
+        self._decisions: dict[str, int] = {}
 
     def maybe_log(self, force: bool = False) -> None:
         if not self.throttle.due(force):
@@ -69,8 +75,13 @@ class SchedulerMetrics:
         self.retractions.inc(retractions - self._counted[1])
         self._counted = (passes, retractions)
         if self.offload_step is not None:
-            for times in self.state.scheduler.placement.completed_steps():
+            for times in s.placement.completed_steps():
                 self._observe(times)
+        decisions = (s.placement.info() or {}).get("decisions", {})
+        for reason, n in decisions.items():
+            counter = self.offload_decisions.labels(**self.labels, reason=reason)
+            counter.inc(n - self._decisions.get(reason, 0))
+        self._decisions = dict(decisions)
 
     def _observe(self, times: StepTimes) -> None:
         for f in fields(times):
