@@ -12,6 +12,7 @@ from adrenaline import Engine
 from adrenaline.core.request import Bootstrap, Req, finish_abort
 from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.disaggregation.decode import DecodeTransfers
+from adrenaline.disaggregation.peers import PrefillDirectory
 from adrenaline.disaggregation.prefill import PrefillTransfers
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.offload.exchange import TransportExchange
@@ -19,6 +20,7 @@ from adrenaline.offload.executor import AttentionExecutor
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.manager import OffloadManager
 from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.scheduler.hooks import SchedulerHooks
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.memory import MemoryNetwork
 
@@ -59,19 +61,31 @@ class Cluster:
             )
             self._thread.start()
             link = ExecutorLink(pt, self.executor.transport.address, pe.runner.pool, shared)
-        self.prefill = PrefillTransfers(
-            self.p_sched, pe.runner.pool, pt, pd_timeout, self.emitted["prefill"].append, executor=link
-        )
+        self._prefill_args = (pe.runner.pool, pd_timeout, self.emitted["prefill"].append, link)
+        self.prefill = self._start_prefill(pt)
         placement = None
         if offload_ratio > 0:
             placement = OffloadManager(
                 StaticRatioPolicy(offload_ratio), TransportExchange(dt), offload_timeout
             )
         self.d_sched = Scheduler(de.runner, de.config, None, placement)
+        self.bootstrap = {BOOT: pt.address}  # what the bootstrap server answers
+        directory = PrefillDirectory(lambda *boot: self.bootstrap[boot], interval_s=None)
         self.decode = DecodeTransfers(
-            self.d_sched, de.runner.pool, dt, pd_timeout, self.emitted["decode"].append
+            self.d_sched, de.runner.pool, dt, pd_timeout, self.emitted["decode"].append, directory=directory
         )
-        self.decode.addresses[BOOT] = pt.address  # what the bootstrap server would answer
+
+    def _start_prefill(self, transport) -> PrefillTransfers:
+        pool, timeout, emit, link = self._prefill_args
+        return PrefillTransfers(self.p_sched, pool, transport, timeout, emit, executor=link)
+
+    def restart_prefill(self) -> None:
+        """The prefill instance dies and starts again (its scheduler idle): a new transport address."""
+        assert not self.p_sched.has_work and not self.prefill.out
+        self.net.cut(self.prefill.transport.address)
+        self.p_sched.hooks = SchedulerHooks()
+        self.prefill = self._start_prefill(self.net.endpoint())
+        self.bootstrap[BOOT] = self.prefill.transport.address
 
     # ---- requests -----------------------------------------------------------------------------
     def add(self, rid: str, ids: list[int], n: int, room: int, side: str = "both") -> tuple[Req, Req]:

@@ -125,6 +125,34 @@ def test_executor_death_recomputes_here(cluster, want):
     assert cluster.p_sched.allocator.num_used == 0 and cluster.d_sched.allocator.num_used == 0
 
 
+def test_restarted_prefill_instance(cluster, want):
+    """A room asked of the old incarnation fails at once when the new one registers (not after
+    --pd-timeout, 60 s here) and frees its pages; the first request after the restart is served."""
+    old = cluster.add("old", prompts(1)[0], N, room=0, side="decode")[1]
+    cluster.run(lambda: cluster.decode.inbound[0].peer is not None)
+    cluster.decode.directory.refresh()  # the watcher saw the old incarnation alive after the ask
+    cluster.restart_prefill()
+    cluster.decode.directory.refresh()
+    ids = prompts(1, seed=4)
+    new = cluster.add("new", ids[0], N, room=1)[1]
+    cluster.run(lambda: finished(old, new), limit_s=30)
+    assert old.finished_reason["status_code"] == 502 and "restarted" in message(old)
+    assert [new.output_ids] == want(ids)
+    cluster.assert_clean()
+
+
+def test_request_racing_a_restart_is_asked_again(cluster, want):
+    """Asked of the old address after the old incarnation last answered: the new one serves it."""
+    ids = prompts(1, seed=5)
+    cluster.restart_prefill()  # not yet seen by the decode side's directory
+    new = cluster.add("new", ids[0], N, room=1)[1]
+    cluster.run(lambda: cluster.decode.inbound[1].peer is not None)
+    cluster.decode.directory.refresh()
+    cluster.run(lambda: finished(new), limit_s=30)
+    assert [new.output_ids] == want(ids)
+    cluster.assert_clean()
+
+
 @pytest.mark.parametrize("cluster", [{"pd_timeout": 0.5}], indirect=True)
 def test_silent_prefill_instance_times_out(cluster):
     cluster.net.cut(cluster.prefill.transport.address)
