@@ -50,17 +50,10 @@ class Cluster:
         self.executor, link = None, None
         if offload_ratio > 0:
             mc = pe.runner.model_config
-            shared = KVPool(mc, executor_pages, PAGE, torch.float32, "cpu")
-            self.executor = AttentionExecutor(
-                shared, self.net.endpoint(), mc.num_heads, mc.num_kv_heads, "torch"
-            )
-            self._serving = threading.Event()
-            self._serving.set()
-            self._thread = threading.Thread(
-                target=self.executor.serve, args=(self._serving.is_set,), daemon=True
-            )
-            self._thread.start()
-            link = ExecutorLink(pt, self.executor.transport.address, pe.runner.pool, shared)
+            self.shared = KVPool(mc, executor_pages, PAGE, torch.float32, "cpu")
+            self.heads = (mc.num_heads, mc.num_kv_heads)
+            self.proc, address = self.start_executor()
+            link = ExecutorLink(pt, address, pe.runner.pool, self.shared)
         self._prefill_args = (pe.runner.pool, pd_timeout, self.emitted["prefill"].append, link)
         self.prefill = self._start_prefill(pt)
         placement = None
@@ -140,12 +133,42 @@ class Cluster:
             assert self.executor.pages == {} and self.executor.allocator.num_used == 0
             assert self.d_sched.placement.homes == {}
 
+    def start_executor(self) -> tuple[ExecutorThread, str]:
+        """An attention executor over the shared pool, served by a thread; (its "process", address)."""
+        self.executor = AttentionExecutor(self.shared, self.net.endpoint(), *self.heads, "torch")
+        self.proc = ExecutorThread(self.executor, self.net)
+        return self.proc, self.executor.transport.address
+
     def stop_executor(self) -> None:
         """The executor dies: it stops serving and nothing reaches it."""
+        self.proc.terminate()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.stop_executor()
+
+
+class ExecutorThread:
+    """An executor's serving thread, seen as its process (``is_alive``, ``exitcode``, ``terminate``)."""
+
+    def __init__(self, executor: AttentionExecutor, net: MemoryNetwork) -> None:
+        self.executor, self.net = executor, net
+        self._serving = threading.Event()
+        self._serving.set()
+        self._thread = threading.Thread(target=executor.serve, args=(self._serving.is_set,), daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self.is_alive() else -9
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def terminate(self) -> None:
         self._serving.clear()
         self._thread.join(10)
         self.net.cut(self.executor.transport.address)
-
-    def close(self) -> None:
-        if self.executor is not None and self._thread.is_alive():
-            self.stop_executor()

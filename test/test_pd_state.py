@@ -13,6 +13,8 @@ from pd_cluster import ENGINE_ARGS, Cluster, params
 from adrenaline import Engine
 from adrenaline.disaggregation import decode as decode_module
 from adrenaline.disaggregation.protocol import PD_VERSION
+from adrenaline.offload import supervisor as supervisor_module
+from adrenaline.offload.supervisor import ExecutorSupervisor
 
 N = 12  # tokens generated per request
 
@@ -150,6 +152,32 @@ def test_request_racing_a_restart_is_asked_again(cluster, want):
     cluster.decode.directory.refresh()
     cluster.run(lambda: finished(new), limit_s=30)
     assert [new.output_ids] == want(ids)
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [{"offload_ratio": float("inf"), "offload_timeout": 2.0}], indirect=True)
+def test_executor_death_and_respawn(cluster, want, monkeypatch):
+    """The prefill side reaps a dead executor at once (offload asks refused meanwhile), starts a new
+    one after its backoff, and offloading resumes there; the decode side drops the dead one's page
+    counts; in-flight offloaded requests are recomputed here."""
+    monkeypatch.setattr(supervisor_module, "BACKOFF_S", (0.2,))
+    link = cluster.prefill.executor
+    keeper = ExecutorSupervisor(cluster.start_executor, cluster.proc, link)
+    old = link.address
+    ids = prompts(3, seed=6)
+    first = cluster.add("first", ids[0], N, room=0)[1]
+    cluster.run(lambda: len(first.output_ids) >= 3)
+    cluster.stop_executor()
+    cluster.prefill.tick()
+    assert link.down and keeper.proc is None  # seen and reaped on the next iteration
+    during = cluster.add("during", ids[1], N, room=1)[1]
+    cluster.run(lambda: finished(first, during) and not link.down, limit_s=60)
+    assert link.address != old and link.restarts == 1
+    after = cluster.add("after", ids[2], N, room=2)[1]
+    cluster.run(lambda: finished(after))
+    assert [r.output_ids for r in (first, during, after)] == want(ids)
+    assert after.extra.get("attention_offloaded") and cluster.d_sched.placement.stats.fallbacks >= 1
+    assert set(cluster.d_sched.placement.info()["executors"]) == {link.address}
     cluster.assert_clean()
 
 
