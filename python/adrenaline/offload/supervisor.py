@@ -3,8 +3,9 @@
 The prefill scheduler loop asks ``poll`` every iteration: a dead executor process is reaped at once
 (``is_alive`` waits on it without blocking) and its link marked down, so offload asks are refused
 and requests stay local; a new executor is started after a backoff, in a thread (a start takes
-seconds, the loop must not wait), and the link then points at it. Decode instances learn its new
-address from the next ``KVDone`` of an offloaded request.
+seconds, the loop must not wait; the thread then waits on the new process, whose parent-death
+signal fires when the thread that forked it exits), and the link then points at it. Decode
+instances learn its new address from the next ``KVDone`` of an offloaded request.
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ class ExecutorSupervisor:
             return
         if self._closed:
             started[0].terminate()
-        else:
-            self._started = started
+            return
+        self._started = started
+        # The executor dies with the thread that started it (PR_SET_PDEATHSIG is per thread):
+        # this thread lives as long as it does.
+        started[0].join()
 
     def terminate(self) -> None:
         self._closed = True
