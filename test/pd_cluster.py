@@ -12,6 +12,7 @@ from adrenaline import Engine
 from adrenaline.core.request import Bootstrap, Req, finish_abort
 from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.disaggregation.decode import DecodeTransfers
+from adrenaline.disaggregation.peers import PrefillDirectory
 from adrenaline.disaggregation.prefill import PrefillTransfers
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.offload.exchange import TransportExchange
@@ -20,6 +21,7 @@ from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.manager import OffloadManager
 from adrenaline.offload.policy import StaticRatioPolicy
 from adrenaline.offload.shm import ShmExchange
+from adrenaline.scheduler.hooks import SchedulerHooks
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.memory import MemoryNetwork
 from adrenaline.transport.shm_segment import ShmLayout
@@ -51,20 +53,12 @@ class Cluster:
         self.executor, link = None, None
         if offload_ratio > 0:
             mc = pe.runner.model_config
-            shared = KVPool(mc, executor_pages, PAGE, torch.float32, "cpu")
-            self.executor = AttentionExecutor(
-                shared, self.net.endpoint(), mc.num_heads, mc.num_kv_heads, "torch"
-            )
-            self._serving = threading.Event()
-            self._serving.set()
-            self._thread = threading.Thread(
-                target=self.executor.serve, args=(self._serving.is_set,), daemon=True
-            )
-            self._thread.start()
-            link = ExecutorLink(pt, self.executor.transport.address, pe.runner.pool, shared)
-        self.prefill = PrefillTransfers(
-            self.p_sched, pe.runner.pool, pt, pd_timeout, self.emitted["prefill"].append, executor=link
-        )
+            self.shared = KVPool(mc, executor_pages, PAGE, torch.float32, "cpu")
+            self.heads = (mc.num_heads, mc.num_kv_heads)
+            self.proc, address = self.start_executor()
+            link = ExecutorLink(pt, address, pe.runner.pool, self.shared)
+        self._prefill_args = (pe.runner.pool, pd_timeout, self.emitted["prefill"].append, link)
+        self.prefill = self._start_prefill(pt)
         placement = None
         if offload_ratio > 0:
             mc = de.runner.model_config
@@ -76,10 +70,23 @@ class Cluster:
             )
             placement = OffloadManager(StaticRatioPolicy(offload_ratio), data, offload_timeout)
         self.d_sched = Scheduler(de.runner, de.config, None, placement)
+        self.bootstrap = {BOOT: pt.address}  # what the bootstrap server answers
+        directory = PrefillDirectory(lambda *boot: self.bootstrap[boot], interval_s=None)
         self.decode = DecodeTransfers(
-            self.d_sched, de.runner.pool, dt, pd_timeout, self.emitted["decode"].append
+            self.d_sched, de.runner.pool, dt, pd_timeout, self.emitted["decode"].append, directory=directory
         )
-        self.decode.addresses[BOOT] = pt.address  # what the bootstrap server would answer
+
+    def _start_prefill(self, transport) -> PrefillTransfers:
+        pool, timeout, emit, link = self._prefill_args
+        return PrefillTransfers(self.p_sched, pool, transport, timeout, emit, executor=link)
+
+    def restart_prefill(self) -> None:
+        """The prefill instance dies and starts again (its scheduler idle): a new transport address."""
+        assert not self.p_sched.has_work and not self.prefill.out
+        self.net.cut(self.prefill.transport.address)
+        self.p_sched.hooks = SchedulerHooks()
+        self.prefill = self._start_prefill(self.net.endpoint())
+        self.bootstrap[BOOT] = self.prefill.transport.address
 
     # ---- requests -----------------------------------------------------------------------------
     def add(self, rid: str, ids: list[int], n: int, room: int, side: str = "both") -> tuple[Req, Req]:
@@ -134,12 +141,42 @@ class Cluster:
             assert self.executor.pages == {} and self.executor.allocator.num_used == 0
             assert self.d_sched.placement.homes == {}
 
+    def start_executor(self) -> tuple[ExecutorThread, str]:
+        """An attention executor over the shared pool, served by a thread; (its "process", address)."""
+        self.executor = AttentionExecutor(self.shared, self.net.endpoint(), *self.heads, "torch")
+        self.proc = ExecutorThread(self.executor, self.net)
+        return self.proc, self.executor.transport.address
+
     def stop_executor(self) -> None:
         """The executor dies: it stops serving and nothing reaches it."""
+        self.proc.terminate()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.stop_executor()
+
+
+class ExecutorThread:
+    """An executor's serving thread, seen as its process (``is_alive``, ``exitcode``, ``terminate``)."""
+
+    def __init__(self, executor: AttentionExecutor, net: MemoryNetwork) -> None:
+        self.executor, self.net = executor, net
+        self._serving = threading.Event()
+        self._serving.set()
+        self._thread = threading.Thread(target=executor.serve, args=(self._serving.is_set,), daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self.is_alive() else -9
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def terminate(self) -> None:
         self._serving.clear()
         self._thread.join(10)
         self.net.cut(self.executor.transport.address)
-
-    def close(self) -> None:
-        if self.executor is not None and self._thread.is_alive():
-            self.stop_executor()

@@ -13,6 +13,8 @@ from pd_cluster import ENGINE_ARGS, Cluster, params
 from adrenaline import Engine
 from adrenaline.disaggregation import decode as decode_module
 from adrenaline.disaggregation.protocol import PD_VERSION
+from adrenaline.offload import supervisor as supervisor_module
+from adrenaline.offload.supervisor import ExecutorSupervisor
 
 N = 12  # tokens generated per request
 
@@ -132,6 +134,60 @@ def test_executor_death_recomputes_here(cluster, want):
     manager = cluster.d_sched.placement
     assert manager.stats.fallbacks == 2 and manager.homes == {}
     assert cluster.p_sched.allocator.num_used == 0 and cluster.d_sched.allocator.num_used == 0
+
+
+def test_restarted_prefill_instance(cluster, want):
+    """A room asked of the old incarnation fails at once when the new one registers (not after
+    --pd-timeout, 60 s here) and frees its pages; the first request after the restart is served."""
+    old = cluster.add("old", prompts(1)[0], N, room=0, side="decode")[1]
+    cluster.run(lambda: cluster.decode.inbound[0].peer is not None)
+    cluster.decode.directory.refresh()  # the watcher saw the old incarnation alive after the ask
+    cluster.restart_prefill()
+    cluster.decode.directory.refresh()
+    ids = prompts(1, seed=4)
+    new = cluster.add("new", ids[0], N, room=1)[1]
+    cluster.run(lambda: finished(old, new), limit_s=30)
+    assert old.finished_reason["status_code"] == 502 and "restarted" in message(old)
+    assert [new.output_ids] == want(ids)
+    cluster.assert_clean()
+
+
+def test_request_racing_a_restart_is_asked_again(cluster, want):
+    """Asked of the old address after the old incarnation last answered: the new one serves it."""
+    ids = prompts(1, seed=5)
+    cluster.restart_prefill()  # not yet seen by the decode side's directory
+    new = cluster.add("new", ids[0], N, room=1)[1]
+    cluster.run(lambda: cluster.decode.inbound[1].peer is not None)
+    cluster.decode.directory.refresh()
+    cluster.run(lambda: finished(new), limit_s=30)
+    assert [new.output_ids] == want(ids)
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [{"offload_ratio": float("inf"), "offload_timeout": 2.0}], indirect=True)
+def test_executor_death_and_respawn(cluster, want, monkeypatch):
+    """The prefill side reaps a dead executor at once (offload asks refused meanwhile), starts a new
+    one after its backoff, and offloading resumes there; the decode side drops the dead one's page
+    counts; in-flight offloaded requests are recomputed here."""
+    monkeypatch.setattr(supervisor_module, "BACKOFF_S", (0.2,))
+    link = cluster.prefill.executor
+    keeper = ExecutorSupervisor(cluster.start_executor, cluster.proc, link)
+    old = link.address
+    ids = prompts(3, seed=6)
+    first = cluster.add("first", ids[0], N, room=0)[1]
+    cluster.run(lambda: len(first.output_ids) >= 3)
+    cluster.stop_executor()
+    cluster.prefill.tick()
+    assert link.down and keeper.proc is None  # seen and reaped on the next iteration
+    during = cluster.add("during", ids[1], N, room=1)[1]
+    cluster.run(lambda: finished(first, during) and not link.down, limit_s=60)
+    assert link.address != old and link.restarts == 1
+    after = cluster.add("after", ids[2], N, room=2)[1]
+    cluster.run(lambda: finished(after))
+    assert [r.output_ids for r in (first, during, after)] == want(ids)
+    assert after.extra.get("attention_offloaded") and cluster.d_sched.placement.stats.fallbacks >= 1
+    assert set(cluster.d_sched.placement.info()["executors"]) == {link.address}
+    cluster.assert_clean()
 
 
 @pytest.mark.parametrize("cluster", [{"pd_timeout": 0.5}], indirect=True)

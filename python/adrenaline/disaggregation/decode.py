@@ -2,9 +2,10 @@
 admits it (its one admission, with the same running cap and KV headroom), its pages are reserved
 and the prefill instance is asked for the prompt's KV and first token; then it decodes.
 
-The prefill instance is found through its bootstrap server (cached per bootstrap address). A
-request whose KV does not arrive within ``timeout_s`` ends with HTTP 504 and frees its pages; the
-cached address of that prefill instance is dropped, so a restarted one is found again. While a
+The prefill instance is found through its bootstrap server (``PrefillDirectory``, which notices a
+restarted prefill instance by its new address). A request whose KV does not arrive within
+``timeout_s`` ends with HTTP 504 and frees its pages; one whose KV was lost with a restarted
+prefill instance ends with HTTP 502 as soon as the new incarnation registers. While a
 request waits in the queue, keepalives tell its prefill instance (which holds its KV) to wait.
 """
 
@@ -15,8 +16,8 @@ import time
 from dataclasses import dataclass
 
 from adrenaline.core.request import Req, finish_abort
-from adrenaline.disaggregation.bootstrap import lookup_prefill
 from adrenaline.disaggregation.common import TransferManager, bootstrap_of
+from adrenaline.disaggregation.peers import PrefillDirectory, Restart
 from adrenaline.disaggregation.protocol import (
     PD,
     PD_VERSION,
@@ -42,15 +43,16 @@ class Inbound:
     peer: str | None = None  # the prefill instance's transport address, once asked for the KV
     received: int = 0  # pages written so far
     last_alive: float = 0.0  # when the prefill side last heard we still want it (while queued)
+    asked: float = 0.0  # when the KV was asked for
 
 
 class DecodeTransfers(TransferManager):
     role = "decode"
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, directory: PrefillDirectory | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.inbound: dict[int, Inbound] = {}  # bootstrap room -> queued or KV on its way
-        self.addresses: dict[tuple[str, int], str] = {}
+        self.directory = directory or PrefillDirectory()
 
     # ---- requests from the front end ----------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -91,11 +93,16 @@ class DecodeTransfers(TransferManager):
         """Ask the prefill side for the KV, into ``req.pages`` (or kept there when placed remotely)."""
         t = self._inbound(req)
         try:
-            t.peer = self._address(t.bootstrap)
+            t.peer = self.directory.address(t.bootstrap)
         except OSError as e:
             self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
             return
-        t.deadline = time.monotonic() + self.timeout_s
+        self._ask(t)
+
+    def _ask(self, t: Inbound) -> None:
+        req = t.req
+        t.asked = time.monotonic()
+        t.deadline = t.asked + self.timeout_s
         t.received = 0
         offload = not self.scheduler.placement.is_local(req)
         msg = KVRequest(PD_VERSION, t.room, req.rid, list(req.pages), self.layout, offload)
@@ -104,11 +111,20 @@ class DecodeTransfers(TransferManager):
         except TransportError as e:
             self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
 
-    def _address(self, bootstrap: tuple[str, int]) -> str:
-        addr = self.addresses.get(bootstrap)
-        if addr is None:
-            addr = self.addresses[bootstrap] = lookup_prefill(*bootstrap)
-        return addr
+    def _restarted(self, r: Restart) -> None:
+        """A prefill instance came back: what its old incarnation held is gone with it.
+
+        A transfer asked for after the old one last answered may be for the new one: ask it again.
+        """
+        host, port = r.bootstrap
+        logger.warning("prefill instance at bootstrap %s:%d restarted: %s -> %s", host, port, r.old, r.new)
+        for t in [t for t in self.inbound.values() if t.peer == r.old]:
+            if t.asked > r.old_seen and t.received == 0:
+                t.peer = r.new
+                self._ask(t)
+            else:
+                text = f"the prefill instance (bootstrap {host}:{port}) restarted and lost this request's KV"
+                self._fail(t, finish_abort(text, 502), tell_peer=text)
 
     # ---- messages from prefill instances ------------------------------------------------------
     def handle(self, msg: Message) -> None:
@@ -167,17 +183,18 @@ class DecodeTransfers(TransferManager):
         A request queued here for KV room waits as long as it takes (like any queued request);
         keepalives tell its prefill instance, which holds its KV meanwhile, that it is wanted.
         """
+        for r in self.directory.restarts():
+            self._restarted(r)
         now = time.monotonic()
         for t in self.inbound.values():
             if t.peer is None and now - t.last_alive > self.timeout_s / 3:
                 t.last_alive = now
                 try:
-                    PD.send(self.transport, self._address(t.bootstrap), KVAlive(t.room))
+                    PD.send(self.transport, self.directory.address(t.bootstrap), KVAlive(t.room))
                 except (OSError, TransportError):
                     pass  # unreachable now: its deadline there ends it, or admission finds out
         for t in [t for t in self.inbound.values() if t.peer is not None and t.deadline < now]:
             host, port = t.bootstrap
             text = f"no KV from the prefill instance (bootstrap {host}:{port}) within {self.timeout_s:g} s"
             logger.warning("%s: request %s failed", text, t.req.rid)
-            self.addresses.pop(t.bootstrap, None)  # it may come back at a new address
             self._fail(t, finish_abort(text, 504), tell_peer=text)

@@ -3,7 +3,8 @@
 Pages for an offloaded prompt are asked for (``reserve``) and granted later: the executor's reply
 arrives through the PD role's transport, which hands it to ``handle``, and the callback continues
 the transfer. An executor that leaves an ask unanswered for ``ask_timeout_s`` is marked down:
-offloading to it stops and pending asks get None. Its statistics are refreshed in the background
+offloading to it stops and pending asks get None; so does its process's death (``lost``), until
+a new executor takes over (``restarted``). Its statistics are refreshed in the background
 (every ``STATS_INTERVAL_S``), so ``/server_info`` reads the last reply instead of waiting for one.
 """
 
@@ -59,6 +60,8 @@ class ExecutorLink:
         self.stats: ExecutorStats | None = None
         self._stats_ask: tuple[int, float] | None = None  # (ask, sent at)
         self._stats_at = 0.0
+        self.restarts = 0
+        self.watch: Callable[[], None] | None = None  # run first in ``expire``: the process's keeper
 
     def reserve(self, room: int, tokens: int, granted: Granted) -> None:
         if self.down:
@@ -96,8 +99,26 @@ class ExecutorLink:
             self._stats_ask = None
         return m is not None
 
+    def lost(self) -> None:
+        """The executor process died: refuse pending and new asks, forget its statistics."""
+        self.down = True
+        self.stats = None
+        self._stats_ask = None
+        for ask in self.asks.values():
+            ask.granted(None)
+        self.asks.clear()
+
+    def restarted(self, address: str) -> None:
+        """A new executor (empty pool) serves at ``address``: offload to it."""
+        self.address = address
+        self.down = False
+        self.restarts += 1
+        self._stats_at = 0.0
+
     def expire(self) -> None:
         """Time out unanswered asks; ask for fresh statistics when due."""
+        if self.watch is not None:
+            self.watch()
         now = time.monotonic()
         late = [a for a in self.asks if self.asks[a].deadline < now]
         if late:
@@ -115,7 +136,12 @@ class ExecutorLink:
             self._stats_ask = None  # unanswered: ask again
 
     def info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"address": self.address, "down": self.down, "pending_asks": len(self.asks)}
+        info: dict[str, Any] = {
+            "address": self.address,
+            "down": self.down,
+            "pending_asks": len(self.asks),
+            "restarts": self.restarts,
+        }
         if self.stats is None:
             return {**info, "error": "attention executor has not answered yet"}
         s = self.stats

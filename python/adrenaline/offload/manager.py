@@ -94,6 +94,8 @@ class OffloadManager(Placement):
     def failed(self, reqs: list[Req], error: Exception) -> None:
         logger.warning("attention executor failed (%s): %d requests recomputed locally", error, len(reqs))
         self.stats.fallbacks += len(reqs)
+        for h in [self.homes[r.rid] for r in reqs if r.rid in self.homes]:
+            self.client.exchange.executor_pages.pop(h.executor, None)  # stale until it answers again
 
     def keep_local(self, req: Req) -> None:
         self.local_only.add(req.rid)

@@ -28,6 +28,7 @@ from adrenaline.offload.policy import OffloadPolicy, StaticRatioPolicy
 from adrenaline.offload.process import start_executor
 from adrenaline.offload.profile_source import resolve_profile
 from adrenaline.offload.shm import ShmExchange
+from adrenaline.offload.supervisor import ExecutorSupervisor
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.server.args import AdrenalineArgs
@@ -41,11 +42,11 @@ logger = logging.getLogger(__name__)
 class Role:
     scheduler: Scheduler
     pd: TransferManager | None = None
-    executor_proc: Any = None  # the attention executor this prefill instance started
+    supervisor: ExecutorSupervisor | None = None  # keeps this prefill instance's executor running
 
     def close(self) -> None:
-        if self.executor_proc is not None:
-            self.executor_proc.terminate()
+        if self.supervisor is not None:
+            self.supervisor.terminate()
         if self.pd is not None:
             self.pd.transport.close()
 
@@ -69,7 +70,7 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
     role = Role(scheduler)
     executor = None
     if ours.enable_attention_offload:
-        executor, role.executor_proc = _start_executor(ours, runner, config, transport, transport_args)
+        executor, role.supervisor = _start_executor(ours, runner, config, transport, transport_args)
     register_prefill(
         server_args.host,
         server_args.disaggregation_bootstrap_port,
@@ -108,13 +109,16 @@ def _offload_policy(ours: AdrenalineArgs, runner: ModelRunner, config) -> Offloa
 
 def _start_executor(
     ours: AdrenalineArgs, runner: ModelRunner, config, transport: Transport, transport_args: tuple
-) -> tuple[ExecutorLink, Any]:
+) -> tuple[ExecutorLink, ExecutorSupervisor]:
     """The attention executor beside this prefill instance, over a pool shared with it."""
     mc = runner.model_config
     tokens = ours.executor_max_total_tokens or runner.max_total_tokens
     pool = KVPool(mc, max(tokens // runner.page_size, 1), runner.page_size, runner.dtype, runner.device)
-    proc, address = start_executor(
-        pool, mc.num_heads, mc.num_kv_heads, config.attention_backend, transport_args
-    )
+
+    def start() -> tuple[Any, str]:
+        return start_executor(pool, mc.num_heads, mc.num_kv_heads, config.attention_backend, transport_args)
+
+    proc, address = start()
     logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)
-    return ExecutorLink(transport, address, runner.pool, pool), proc
+    link = ExecutorLink(transport, address, runner.pool, pool)
+    return link, ExecutorSupervisor(start, proc, link)
