@@ -2,8 +2,8 @@
 batch, how its prompt was chunked, or where its attention ran, in bf16 too.
 
 Without the mode, low-precision greedy outputs can change with batch composition (seen: 7 of 32
-bf16 prompts differed alone vs together on a Zen 5 CPU; the causes are GEMM kernels chosen by row
-count and chunk-dependent attention reductions). The mode must remove that, and stay exact:
+bf16 prompts differed alone vs together on an AMD EPYC Zen 4; the causes are GEMM kernels chosen
+by row count and chunk-dependent attention reductions). The mode must remove that, and stay exact:
 float32 outputs still equal HF's.
 """
 
