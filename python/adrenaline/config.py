@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # ids in, ids out: no text, stop strings or grammars
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # auto | torch | flashinfer
+    attention_backend: str = "auto"  # auto | torch | flashinfer | triton
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; None -> from mem_fraction_static
     mem_fraction_static: float | None = None  # share of device memory for weights + KV
@@ -29,7 +30,8 @@ class EngineConfig:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.attention_backend == "auto":
-            self.attention_backend = "flashinfer" if self.device == "cuda" else "torch"
+            gpu = "flashinfer" if importlib.util.find_spec("flashinfer") else "triton"
+            self.attention_backend = gpu if self.device == "cuda" else "torch"
         if self.mem_fraction_static is None:
             self.mem_fraction_static = 0.85 if self.device == "cuda" else 0.2
         if self.page_size < 1:

@@ -15,7 +15,13 @@ from typing import Any
 from adrenaline.config import EngineConfig
 
 # SGLang --attention-backend -> ours. "torch" is our name; SGLang's CLI spells it torch_native.
-ATTENTION_BACKENDS = {None: "auto", "torch_native": "torch", "torch": "torch", "flashinfer": "flashinfer"}
+ATTENTION_BACKENDS = {
+    None: "auto",
+    "torch_native": "torch",
+    "torch": "torch",
+    "flashinfer": "flashinfer",
+    "triton": "triton",
+}
 DTYPES = {"half": "float16", "float": "float32"}
 # ServerArgs attribute -> EngineConfig field, copied when the user set it.
 PASSTHROUGH = {
