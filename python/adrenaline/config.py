@@ -25,6 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     random_seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None -> torch's default
+    cuda_graph: bool = True  # decode steps replay CUDA graphs on GPU (off: --disable-cuda-graph)
 
     def __post_init__(self) -> None:
         if self.device == "auto":

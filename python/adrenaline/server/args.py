@@ -76,6 +76,7 @@ def engine_config(sa: Any) -> EngineConfig:
         "device": sa.device or "auto",
         "attention_backend": ATTENTION_BACKENDS[sa.attention_backend],
         "enable_prefix_caching": not sa.disable_radix_cache,
+        "cuda_graph": not getattr(sa, "disable_cuda_graph", False),
     }
     for src, dst in PASSTHROUGH.items():
         value = getattr(sa, src, None)
@@ -99,6 +100,7 @@ class AdrenalineArgs:
     attention_offload_ratio: float = 0.0
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
+    executor_sm_percent: int | None = None
     offload_timeout: float = 10.0
 
     @staticmethod
@@ -143,6 +145,13 @@ class AdrenalineArgs:
             help="prefill: the attention executor's KV pool in tokens (default: the prefill's pool size)",
         )
         group.add_argument(
+            "--executor-sm-percent",
+            type=int,
+            default=None,
+            help="prefill: the attention executor's SM share under MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
+            "of its process; start MPS with scripts/start_mps.sh; ignored without MPS)",
+        )
+        group.add_argument(
             "--offload-timeout",
             type=float,
             default=AdrenalineArgs.offload_timeout,
@@ -157,4 +166,6 @@ class AdrenalineArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if args.attention_offload_ratio < 0:
             raise ValueError("--attention-offload-ratio must be >= 0")
+        if args.executor_sm_percent is not None and not 0 < args.executor_sm_percent <= 100:
+            raise ValueError("--executor-sm-percent must be in (0, 100]")
         return args

@@ -147,7 +147,12 @@ class SchedulerProcess:
         tokens = ours.executor_max_total_tokens or r.max_total_tokens
         pool = KVPool(mc, max(tokens // r.page_size, 1), r.page_size, r.dtype, r.device)
         self.executor_proc, address = start_executor(
-            pool, mc.num_heads, mc.num_kv_heads, self.config.attention_backend, transport_args
+            pool,
+            mc.num_heads,
+            mc.num_kv_heads,
+            self.config.attention_backend,
+            transport_args,
+            ours.executor_sm_percent,
         )
         logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)
         return address, pool
