@@ -38,6 +38,7 @@ def interpret_on_cpu() -> bool:
         except ImportError:
             pass
         import sgl_kernel_ext.triton_decode  # noqa: F401
+        import sgl_kernel_ext.triton_sync  # noqa: F401
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]

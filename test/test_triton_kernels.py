@@ -12,6 +12,7 @@ import torch
 
 from sgl_kernel_ext import reference, triton_decode
 from sgl_kernel_ext.triton_ops import interpreting
+from sgl_kernel_ext.triton_sync import signal, wait
 
 PS = 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,3 +97,20 @@ def test_triton_append_kv_gpu_bf16_fp16(dtype):
     triton_decode.append_paged_kv(k, v, slots, nk, nv)
     reference.append_paged_kv(k_ref, v_ref, slots, nk, nv)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+def test_triton_exchange_flags_only_grow_and_waits_pass_once_raised():
+    """The IPC exchange's flag kernels: a signal raises a flag to step x layers + layer + 1 (never
+    lowers it); a wait for a raised (or older) target returns. Step -1 (warm-up) passes anything."""
+    flags = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    step = torch.tensor([3], device=DEVICE)
+    signal(flags, step, 1, 2, 4)
+    assert flags.tolist() == [0, 3 * 4 + 2 + 1]
+    signal(flags, step, 1, 0, 4)  # an older target leaves it
+    assert flags.tolist() == [0, 15]
+    for layer in range(3):
+        wait(flags, step, 1, layer, 4)
+    step.fill_(-1)
+    wait(flags, step, 0, 3, 4)
+    signal(flags, step, 0, 3, 4)
+    assert flags.tolist() == [0, 15]

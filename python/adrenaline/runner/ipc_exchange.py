@@ -5,7 +5,8 @@ when they are two processes): an inbox for the offloaded group's packed q|k|v, a
 attention output, and two flags. Per layer the decode side copies q|k|v into the inbox and raises
 the ``ready`` flag; the executor's graph, already waiting on that flag, attends and raises
 ``done``; the decode graph waits on ``done`` and reads the outbox. No host thread touches a layer:
-the flag waits are Triton kernels spinning on device memory, so both sides are captured graphs.
+the flag waits are Triton kernels spinning on device memory (``sgl_kernel_ext/triton_sync.py``),
+so both sides are captured graphs.
 Flags only grow (step x layers + layer + 1, raised with an atomic max), so nothing is reset between
 steps, and a step of -1 makes every wait pass: how both sides run their warm-up before capture.
 
@@ -21,36 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
 from adrenaline.attention.base import AttentionBatch
 from adrenaline.attention.triton_backend import DecodePlan, TritonAttentionBackend
 from adrenaline.runner.cuda_graph import GraphExchange
+from sgl_kernel_ext.triton_sync import signal, wait
 
 READY, DONE = 0, 1
-
-
-@triton.jit
-def _signal(Flags, Step, index, layer, num_layers):
-    target = tl.load(Step) * num_layers + layer + 1
-    tl.atomic_max(Flags + index, target, sem="release", scope="sys")
-
-
-@triton.jit
-def _wait(Flags, Step, index, layer, num_layers):
-    target = tl.load(Step) * num_layers + layer + 1
-    seen = tl.atomic_add(Flags + index, 0, sem="acquire", scope="sys")
-    while seen < target:
-        seen = tl.atomic_add(Flags + index, 0, sem="acquire", scope="sys")
-
-
-def signal(flags: torch.Tensor, step: torch.Tensor, index: int, layer: int, num_layers: int) -> None:
-    _signal[(1,)](flags, step, index, layer, num_layers)
-
-
-def wait(flags: torch.Tensor, step: torch.Tensor, index: int, layer: int, num_layers: int) -> None:
-    _wait[(1,)](flags, step, index, layer, num_layers)
 
 
 @dataclass
