@@ -117,8 +117,10 @@ class IpcAttentionServer:
             plan = DecodePlan.build(empty, ps, self.backend.num_splits(rows, width * ps), rows, width)
             plan = plan.to(self.buffers.flags.device)
             self.step_tensor.fill_(-1)  # warm-up (Triton compiles): waits pass, the empty plan writes no KV
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
             with torch.cuda.stream(self.stream):
                 self._layers(rows, plan)
+            self.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.stream):
                 self._layers(rows, plan)
