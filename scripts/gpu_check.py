@@ -1,6 +1,6 @@
 """The GPU check: every GPU path proven and measured in one run (``scripts/gpu_check.sh``).
 
-    python scripts/gpu_check.py --out DIR [--device cuda|cpu] [--model-path DIR] [--mps]
+    python scripts/gpu_check.py --out DIR [--device cuda|cpu] [--model-path DIR] [--executor-sm-percent P]
 
 Writes ``DIR/results.json`` and ``DIR/results.md``. Each section records its status (``ok``,
 ``fail``, ``skipped`` with the reason, ``error`` with the exception) and its figures; one failing

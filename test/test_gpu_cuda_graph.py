@@ -9,6 +9,7 @@ import torch
 from conftest import random_prompts
 
 from adrenaline import Engine
+from adrenaline.attention.base import AttentionBatch
 from adrenaline.attention.triton_backend import TritonAttentionBackend
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.runner.cuda_graph import (
@@ -104,18 +105,47 @@ def run_2d_grid(path: str, make_exchange, dtype: str = "float32") -> None:
     assert (4, 2) in graphs.graphs  # 3 local + 2 offloaded rows ran in the (4, 2) cell
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graph_tokens_equal_eager(tiny_model_factory):
+    """The runner's own graphs (on by default) against the eager path: 8 requests fill the bucket
+    of 8, so both run the same GEMM shapes."""
+    path = tiny_model_factory("llama")
+    prompts = random_prompts(8, 512, [5, 19, 33, 60], seed=8)
+    eager = engine(path, cuda_graph=False).generate(input_ids=prompts, sampling_params=PARAMS)
+    e = engine(path)
+    got = e.generate(input_ids=prompts, sampling_params=PARAMS)
+    assert e.runner.graphs is not None and (8, 0) in e.runner.graphs.graphs
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in eager]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_graph_replay_equals_eager(tiny_model_factory, dtype):
-    """The runner's own graphs (--cuda-graph on, the default) against the eager path."""
-    path = tiny_model_factory("llama")
-    prompts = random_prompts(6, 512, [5, 19, 33, 60], seed=8)
-    eager = engine(path, cuda_graph=False, dtype=dtype).generate(input_ids=prompts, sampling_params=PARAMS)
-    e = engine(path, dtype=dtype)
-    got = e.generate(input_ids=prompts, sampling_params=PARAMS)
-    assert e.runner.graphs is not None and e.runner.graphs.graphs
-    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in eager]
+def test_gpu_graph_replay_equals_eager_step(tiny_model_factory, dtype):
+    """One padded decode step (5 requests in the bucket of 8) replayed from a graph equals the
+    same step run eagerly over the same static buffers."""
+    e = engine(tiny_model_factory("llama"), cuda_graph=False, dtype=dtype)
+    r = e.runner
+    for t in r.pool.k + r.pool.v:
+        t.normal_()
+    lens = [7, 20, 33, 1, 64]
+    tables, page = [], 0
+    for n in lens:
+        tables.append(list(range(page, page + -(-n // r.page_size))))
+        page += len(tables[-1])
+    slots = torch.tensor(
+        [t[(n - 1) // r.page_size] * r.page_size + (n - 1) % r.page_size for t, n in zip(tables, lens)]
+    )
+    batch = AttentionBatch([1] * 5, lens, tables, slots.cuda())
+    ids = torch.randint(2, 512, (5,), device="cuda")
+    pos = torch.tensor([n - 1 for n in lens], device="cuda")
+    eager = DecodeGraphs(r, 8, capture=False).run(ids, pos, batch, 5)
+    graph = DecodeGraphs(r, 8, capture=True)
+    replayed = graph.run(ids, pos, batch, 5)
+    assert graph.graphs[(8, 0)].graph is not None
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert torch.allclose(replayed, eager, atol=tol, rtol=tol), (replayed - eager).abs().max()
 
 
 @pytest.mark.gpu

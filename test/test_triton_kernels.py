@@ -83,8 +83,8 @@ def test_triton_append_kv_matches_reference(dtype, new_dtype):
 @pytest.mark.parametrize("h,hkv,d", [(9, 3, 64), (32, 8, 128)])
 def test_triton_decode_gpu_bf16_fp16(dtype, h, hkv, d):
     lens = [1, 15, 16, 17, 300, 2048, 4000, 0] * 4
-    check_decode(lens, h, hkv, d, dtype, "cuda", None, atol=2e-5)
-    check_decode(lens, h, hkv, d, dtype, "cuda", 1, atol=2e-5)
+    check_decode(lens, h, hkv, d, dtype, "cuda", None, atol=1e-4)  # both fp32 math, other orders
+    check_decode(lens, h, hkv, d, dtype, "cuda", 1, atol=1e-4)
 
 
 @pytest.mark.gpu
