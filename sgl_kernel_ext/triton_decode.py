@@ -2,12 +2,14 @@
 FlashInfer is absent, and by the attention executor.
 
 KV layout is the pool's (``kv_cache/pool.py``): per layer ``[num_pages, page_size, kv_heads,
-head_dim]`` (FlashInfer's NHD). Inputs may be fp32, fp16 or bf16; scores, softmax and the
-accumulator are fp32.
+head_dim]`` (FlashInfer's NHD). Inputs may be fp32, fp16 or bf16 (q in the KV's dtype); scores,
+softmax and the accumulator are fp32.
 
 Decode attention runs in two launches. Stage 1 has one program per (request, KV head, split):
 it attends the head's whole GQA group of query heads over one contiguous chunk of the request's
-context, so every K/V byte is read once, and writes a partial output with its log-sum-exp. Stage 2
+context, so every K/V byte is read once, and writes a partial output with its log-sum-exp; the
+group's rows (padded to 16) make QK^T and PV tensor-core matmuls, with the probabilities rounded
+to the KV dtype for PV as FlashInfer does (exact fp32 math for fp32 KV). Stage 2
 merges the splits. Splitting the context keeps the GPU busy at small batch and long context,
 where batch x KV heads alone is fewer programs than SMs. ``num_splits`` is a launch constant, so a
 CUDA graph captured with it serves any context length.
@@ -32,7 +34,7 @@ def _decode_stage1(
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_pb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -46,8 +48,13 @@ def _decode_stage1(
     heads = kh * GROUP + g
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr, mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+    # The group's query heads are the rows of a matrix (padded to a tensor-core tile): QK^T and PV
+    # are two small matmuls per block of context.
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -57,15 +64,15 @@ def _decode_stage1(
         page = tl.load(PageIdx + b * stride_pb + n // PAGE_SIZE, mask=nmask, other=0).to(tl.int64)
         off = page * stride_kp + (n % PAGE_SIZE) * stride_ks + kh * stride_kh
         kvmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(K + off[:, None] + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
-        v = tl.load(V + off[:, None] + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BLOCK]
+        k = tl.load(K + off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
+        v = tl.load(V + off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, BLOCK], fp32
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
@@ -111,13 +118,15 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Float32 [B, H, D] decode attention; same contract as ``reference.paged_decode_attention``.
 
     q: [B, H, D]; k/v_pages: [num_pages, page_size, Hkv, D]; page_idx: [B, W] int pages of each
     request (padded); seq_lens: [B] int (0 for a padded row: its output is zeros). ``num_splits``
     None picks one from the lengths (a host sync); pass it to stay capturable by a CUDA graph.
-    ``out``: an fp32 [B, H, D] buffer to write into.
+    ``out``: an fp32 [B, H, D] buffer to write into. ``num_warps`` None: 8 for head_dim >= 64, where
+    the per-element K/V addresses of 4 warps take 128+ registers (ptxas, sm_90), else 4.
     """
     b, h, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
@@ -125,6 +134,9 @@ def paged_decode_attention(
         raise ValueError("paged_decode_attention needs unit-stride head_dim and K/V of one layout")
     if num_splits is None:
         num_splits = choose_num_splits(b, hkv, int(seq_lens.max()) if b else 1)
+    # The matmuls take one dtype: the KV's, or fp32 in Triton's interpreter, whose bf16 tl.dot is
+    # wrong (numpy has no bf16), so CPU tests check the bf16 path's indexing, GPU tests its numerics.
+    q = q.to(torch.float32 if INTERPRETED and k_pages.dtype == torch.bfloat16 else k_pages.dtype)
     group = h // hkv
     o_part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
@@ -136,8 +148,10 @@ def paged_decode_attention(
         q, k_pages, v_pages, page_idx, seq_lens, o_part, lse_part, scale,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), page_idx.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=d, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, BLOCK=BLOCK_N, NUM_SPLITS=num_splits, num_warps=4,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d,
+        PAGE_SIZE=page_size, BLOCK=BLOCK_N, NUM_SPLITS=num_splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or (8 if d * BLOCK_N >= 2048 else 4),
     )  # fmt: skip
     _decode_stage2[(b, h)](
         o_part, lse_part, out,
@@ -180,3 +194,6 @@ def append_paged_kv(
         k, v, slots, k_pages, v_pages, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_pages.stride(1), k_pages.stride(2), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
     )  # fmt: skip
+
+
+INTERPRETED = type(_decode_stage1).__name__ == "InterpretedFunction"

@@ -20,7 +20,7 @@ def interpreting() -> bool:
     """Whether this process's Triton kernels run in the interpreter (they then take CPU tensors)."""
     from sgl_kernel_ext import triton_decode
 
-    return type(triton_decode._append_kv).__name__ == "InterpretedFunction"
+    return triton_decode.INTERPRETED
 
 
 def interpret_on_cpu() -> bool:
