@@ -171,7 +171,7 @@ def section_tokens(args, path: str) -> dict:
 
 def section_executor(args, path: str) -> dict:
     """An executor process over a pool shared with this one; some requests decode there."""
-    from adrenaline.offload.colocated import ColocatedOffload
+    from adrenaline.colocated import ColocatedOffload
 
     transport = "tcp" if importlib.util.find_spec("zmq") and importlib.util.find_spec("msgspec") else "socket"
     backend = "triton" if args.device == "cuda" else "torch"  # a child process cannot use the interpreter

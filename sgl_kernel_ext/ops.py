@@ -56,9 +56,38 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
 
 
+BATCH_INVARIANT_ROWS = 16  # the one GEMM row count used in batch-invariant mode
+_batch_invariant = False
+
+
+def set_batch_invariant(on: bool) -> None:
+    """Deterministic inference (``--enable-deterministic-inference``), process-wide: every CPU GEMM
+    row and every attention row is computed the same way whatever else shares its batch, so a
+    request's tokens do not depend on batch composition, chunking or where its attention ran."""
+    global _batch_invariant
+    _batch_invariant = on
+
+
+def batch_invariant() -> bool:
+    return _batch_invariant
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, over a packed weight (``pack_linear_weight``) where given one; on CPUs without
-    bf16/fp16 FMA, low-precision weights go through float32 GEMMs."""
+    bf16/fp16 FMA, low-precision weights go through float32 GEMMs. In batch-invariant mode on CPU,
+    rows go through GEMMs of exactly ``BATCH_INVARIANT_ROWS`` rows (zero-padded): BLAS libraries
+    choose kernels and reduction splits by the row count, which changes a row's rounding."""
+    if _batch_invariant and not x.is_cuda and x.numel():
+        rows, t = x.reshape(-1, x.shape[-1]), BATCH_INVARIANT_ROWS
+        n = rows.shape[0]
+        if n % t:
+            rows = torch.cat([rows, rows.new_zeros(t - n % t, rows.shape[1])])
+        out = torch.cat([_linear(rows[i : i + t], weight, bias) for i in range(0, rows.shape[0], t)])
+        return out[:n].reshape(*x.shape[:-1], out.shape[-1])
+    return _linear(x, weight, bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if not x.is_cuda and weight.dtype != torch.float32 and not cpu_has_low_precision_fma():

@@ -21,7 +21,7 @@ def main(path: str) -> dict:
     import adrenaline.runner.cuda_graph  # noqa: F401  (the GPU pieces import too)
     import adrenaline.transport.nccl_transport  # noqa: F401
     from adrenaline import Engine
-    from adrenaline.offload.colocated import ColocatedOffload
+    from adrenaline.colocated import ColocatedOffload
 
     prompts = random_prompts(3, 512, [5, 21, 40], seed=11)
     n = 6

@@ -19,15 +19,27 @@ STARTUP_TIMEOUT_S = 240
 
 
 class Server:
-    def __init__(self, tmp: Path, *extra: str, port: int | None = None, threads: int | None = None) -> None:
-        """``threads``: torch threads of the scheduler (several servers on 2 cores: 1 each)."""
+    def __init__(
+        self,
+        tmp: Path,
+        *extra: str,
+        port: int | None = None,
+        threads: int | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> None:
+        """``threads``: torch threads of the scheduler (several servers on 2 cores: 1 each);
+        ``netns``: run it in that network namespace, listening on ``host`` (a test host)."""
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.log_path = tmp / "server.log"
         cmd = [
+            *(["ip", "netns", "exec", netns] if netns else []),
             sys.executable,
             "-m",
             "adrenaline.launch_server",
+            "--host",
+            host,
             "--port",
             str(self.port),
             "--dtype",
@@ -40,6 +52,17 @@ class Server:
         self.log = open(self.log_path, "w")
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         self.proc = spawn(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def __enter__(self) -> Server:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

@@ -6,9 +6,9 @@ import pytest
 from conftest import random_prompts
 
 from adrenaline import Engine
+from adrenaline.core.request import Req
+from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.kv_cache.allocator import OutOfPages, PageAllocator, page_hashes
-from adrenaline.sampling.params import SamplingParams
-from adrenaline.scheduler.request import Req
 
 
 def test_allocator_accounting_and_prefix_reuse():

@@ -15,8 +15,8 @@ def test_unset_flags_keep_our_defaults(default_model):
     sa, ours = parse_server_args(["--model-path", default_model])
     assert (ours.pd_transport, ours.pd_timeout) == ("tcp", 60.0)
     cfg = engine_config(sa)
-    # SGLang would resolve these to page 1, a random seed, 71% of memory, chunk 4096.
-    assert (cfg.page_size, cfg.random_seed, cfg.chunked_prefill_size) == (16, 0, 2048)
+    # SGLang would resolve these to page 1, 71% of memory, chunk 4096.
+    assert (cfg.page_size, cfg.chunked_prefill_size) == (16, 2048)
     assert cfg.max_total_tokens is None and cfg.enable_prefix_caching
     gpu = torch.cuda.is_available()
     assert (cfg.device, cfg.attention_backend) == (("cuda", "flashinfer") if gpu else ("cpu", "torch"))
@@ -25,13 +25,13 @@ def test_unset_flags_keep_our_defaults(default_model):
 def test_set_flags_reach_the_engine_config(default_model):
     sa, _ = parse_server_args(
         ["--model-path", default_model, "--dtype", "half", "--page-size", "32", "--max-total-tokens", "4096",
-         "--chunked-prefill-size", "-1", "--max-running-requests", "7", "--random-seed", "5",
+         "--chunked-prefill-size", "-1", "--max-running-requests", "7",
          "--attention-backend", "torch", "--disable-radix-cache"]
     )  # fmt: skip
     cfg = engine_config(sa)
     assert (cfg.dtype, cfg.page_size, cfg.max_total_tokens) == ("float16", 32, 4096)
     assert cfg.chunked_prefill_size == cfg.max_prefill_tokens  # -1: no chunking
-    assert (cfg.max_running_requests, cfg.random_seed) == (7, 5)
+    assert cfg.max_running_requests == 7
     assert cfg.attention_backend == "torch" and not cfg.enable_prefix_caching
 
 

@@ -1,6 +1,6 @@
 """The per-layer exchange without servers: an ``AttentionExecutor`` (in a thread, over its own
 pool) serving an ``OffloadClient`` through real ZeroMQ transports, against local attention over
-the same KV; the static ratio policy; executor page accounting."""
+the same KV; the static ratio policy; executor page accounting; protocol version mismatch."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import time
 import pytest
 import torch
 
-from adrenaline.attention.base import AttentionBatch
+from adrenaline.attention.base import RemoteAttentionError
 from adrenaline.attention.torch_backend import TorchAttentionBackend
-from adrenaline.disaggregation.common import gather_pages, scatter_pages
+from adrenaline.core.batch import AttentionBatch
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig
 from adrenaline.offload.client import OffloadClient
+from adrenaline.offload.exchange import TransportExchange
 from adrenaline.offload.executor import AttentionExecutor
-from adrenaline.offload.policy import StaticRatioPolicy
-from adrenaline.offload.protocol import EXEC_ALLOC, EXEC_REPLY
-from adrenaline.scheduler.request import Req
-from adrenaline.transport import PeerTimeout, TransportError, ZmqTransport
+from adrenaline.offload.link import ExecutorLink
+from adrenaline.offload.policy import LoadView, StaticRatioPolicy
+from adrenaline.offload.protocol import OFFLOAD, AttnQKV, AttnStep, ExecAlloc
+from adrenaline.scheduler.placement import LocalLoad
+from adrenaline.transport import ZmqTransport
+from adrenaline.transport.kv_pages import gather_pages, scatter_pages
 
 H, HKV, D, LAYERS, PAGE = 4, 2, 16, 3, 4
 
@@ -44,9 +47,14 @@ def executor():
     ex.transport.close()
 
 
-def ask(t: ZmqTransport, executor: AttentionExecutor, kind: str, meta: dict) -> dict:
-    t.send(executor.transport.address, kind, {**meta, "ask": 1})
-    return t.recv(lambda m: m.kind == EXEC_REPLY, 30).meta  # generous: CI machines can be loaded
+def reserve(t: ZmqTransport, executor: AttentionExecutor, room: int, tokens: int) -> list[int] | None:
+    """Pages for ``room`` through the prefill side's link, pumped until the executor answers."""
+    link = ExecutorLink(t, executor.transport.address, executor.pool, executor.pool, ask_timeout_s=30)
+    granted = []
+    link.reserve(room, tokens, granted.append)
+    while not granted:  # generous timeout: CI machines can be loaded
+        link.handle(t.recv(lambda m: True, 30))
+    return granted[0]
 
 
 def test_offloaded_attention_equals_local_per_layer(executor):
@@ -55,23 +63,19 @@ def test_offloaded_attention_equals_local_per_layer(executor):
     local = make_pool(64)
     local_pages = [[0, 1, 2, 3], [8, 9, 10, 11], [16, 17, 18, 19]]  # room for prompt + 1 each
     prefill = ZmqTransport()  # plays the prefill scheduler: places prompt KV in the shared pool
-    reqs = []
+    targets = []
     for i, n in enumerate(prompt_lens):
         pages = torch.tensor(local_pages[i][: -(-n // PAGE)])
         for layer in range(LAYERS):
             kv = torch.randn(2, len(pages) * PAGE, HKV, D, generator=g)
             local.k[layer][pages] = kv[0].view(-1, PAGE, HKV, D)
             local.v[layer][pages] = kv[1].view(-1, PAGE, HKV, D)
-        reply = ask(prefill, executor, EXEC_ALLOC, {"room": 100 + i, "tokens": n})
-        scatter_pages(
-            executor.pool, reply["pages"], gather_pages(local, local_pages[i][: len(reply["pages"])])
-        )
-        req = Req(f"r{i}", list(range(n)), None)  # type: ignore[arg-type]
-        req.offload, req.extra["bootstrap"] = executor.transport.address, ("h", 1, 100 + i)
-        reqs.append(req)
+        pages = reserve(prefill, executor, 100 + i, n)
+        scatter_pages(executor.pool, pages, gather_pages(local, local_pages[i][: len(pages)]))
+        targets.append((executor.transport.address, 100 + i))
     decode = ZmqTransport()
-    client = OffloadClient(decode, timeout_s=30)
-    client.prepare(reqs)
+    client = OffloadClient(TransportExchange(decode), timeout_s=30)
+    client.prepare(targets)
     seq_lens = [n + 1 for n in prompt_lens]  # one new token each
     slots = torch.tensor([local_pages[i][n // PAGE] * PAGE + n % PAGE for i, n in enumerate(prompt_lens)])
     batch = AttentionBatch([1, 1, 1], seq_lens, local_pages, slots)
@@ -85,43 +89,57 @@ def test_offloaded_attention_equals_local_per_layer(executor):
         want = backend.forward(layer, q, k, v)
         got = client.wait(layer)
         assert torch.allclose(got, want, atol=1e-5), (layer, (got - want).abs().max())
-    assert executor.stats()["requests"] == 3 and executor.layers_served == LAYERS
-    for req in reqs:
-        client.free(req)
+    assert executor.stats().requests == 3 and executor.layers_served == LAYERS
+    for target in targets:
+        client.free(*target)
     client.flush()
     deadline = time.monotonic() + 30
     while executor.allocator.num_used and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert executor.allocator.num_used == 0 and executor.stats()["requests"] == 0
+    assert executor.allocator.num_used == 0 and executor.stats().requests == 0
     prefill.close()
     decode.close()
 
 
 def test_unknown_room_and_dead_executor_raise(executor):
     decode = ZmqTransport()
-    client = OffloadClient(decode, timeout_s=1)
-    req = Req("r", [1, 2, 3], None)  # type: ignore[arg-type]
-    req.offload, req.extra["bootstrap"] = executor.transport.address, ("h", 1, 7)
-    client.prepare([req])
+    client = OffloadClient(TransportExchange(decode), timeout_s=1)
+    client.prepare([(executor.transport.address, 7)])
     batch = AttentionBatch([1], [4], [[]], torch.tensor([-1]))
     client.begin(batch)
     client.submit(0, torch.zeros(1, H, D), torch.zeros(1, HKV, D), torch.zeros(1, HKV, D))
-    with pytest.raises(TransportError, match="unknown bootstrap rooms"):
+    with pytest.raises(RemoteAttentionError, match="unknown bootstrap rooms"):
         client.wait(0)
-    req.offload = "tcp://127.0.0.1:9"  # nobody there
-    client.prepare([req])
+    client.prepare([("tcp://127.0.0.1:9", 7)])  # nobody there
     client.begin(batch)
     client.submit(0, torch.zeros(1, H, D), torch.zeros(1, HKV, D), torch.zeros(1, HKV, D))
-    with pytest.raises(PeerTimeout):
+    with pytest.raises(RemoteAttentionError, match="did not answer layer 0"):
         client.wait(0)
     decode.close()
 
 
 def test_executor_refuses_when_full(executor):
     t = ZmqTransport()
-    assert "pages" in ask(t, executor, EXEC_ALLOC, {"room": 1, "tokens": 60 * PAGE})
-    reply = ask(t, executor, EXEC_ALLOC, {"room": 2, "tokens": 10 * PAGE})
-    assert "full" in reply["error"] and 2 not in executor.pages
+    assert len(reserve(t, executor, 1, 60 * PAGE)) == 60
+    assert reserve(t, executor, 2, 10 * PAGE) is None and 2 not in executor.pages
+    t.close()
+
+
+def test_version_mismatch_names_both_versions(executor):
+    """A peer speaking another protocol version gets an error naming both, wherever it waits."""
+    t = ZmqTransport()
+    address = executor.transport.address
+    OFFLOAD.send(t, address, ExecAlloc(OFFLOAD.version + 1, 1, 5, PAGE))
+    reply = OFFLOAD.parse(t.recv(lambda m: True, 30))
+    assert (
+        f"speaks version {OFFLOAD.version}" in reply.error
+        and f"speaks version {OFFLOAD.version + 1}" in reply.error
+    )
+    assert 5 not in executor.pages
+    OFFLOAD.send(t, address, AttnStep(OFFLOAD.version + 1, 1, [5], [4], []))
+    OFFLOAD.send(t, address, AttnQKV(1, 0), [torch.zeros(1, H + 2 * HKV, D)])
+    answer = OFFLOAD.parse(t.recv(lambda m: True, 30))
+    assert "protocol version mismatch" in answer.message
     t.close()
 
 
@@ -131,10 +149,9 @@ def test_executor_refuses_when_full(executor):
 )
 def test_static_ratio_policy(ratio, cap, expected):
     policy = StaticRatioPolicy(ratio, cap)
-    local = offloaded = 0
-    for _ in range(10):
-        if policy.offload(local, offloaded):
-            offloaded += 1
-        else:
-            local += 1
+    offloaded = 0
+    for n in range(10):
+        decision = policy.decide(LoadView(LocalLoad(n, 100, PAGE), offloaded), None)  # type: ignore[arg-type]
+        offloaded += decision.offload
+        assert decision.reason
     assert offloaded == expected

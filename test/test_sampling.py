@@ -7,7 +7,7 @@ import torch
 from conftest import random_prompts
 
 from adrenaline import Engine
-from adrenaline.sampling.params import SamplingParams
+from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.sampling.sampler import Sampler, SampleRow
 
 

@@ -16,8 +16,8 @@ io = pytest.importorskip("sglang.srt.managers.io_struct")
 
 from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingParams  # noqa: E402
 
-from adrenaline.sampling.params import SamplingParams  # noqa: E402
-from adrenaline.scheduler.request import Req, finish_length, finish_stop  # noqa: E402
+from adrenaline.core.request import Req, finish_length, finish_stop  # noqa: E402
+from adrenaline.core.sampling_params import SamplingParams  # noqa: E402
 from adrenaline.server import control  # noqa: E402
 from adrenaline.server.io_convert import OutputBatch, rejected_req, req_from_tokenized  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_tokenized_request_converts(tok):
     req = req_from_tokenized(msg, context_len=8192)
     assert req.rid == "r1" and req.input_ids == [1, 2, 3, 4, 5, 6, 7]
     assert req.extra["http_worker_ipc"] == "ipc://worker"
-    assert req.extra["bootstrap"] == ("2.2.2.2", None, 7)
+    assert req.bootstrap == ("2.2.2.2", None, 7)
     p = req.params
     assert p.greedy and p.top_k == 1  # SGLang turns temperature 0 into top_k 1
     assert (p.max_new_tokens, p.stop, p.stop_token_ids, p.regex, p.sampling_seed) == (

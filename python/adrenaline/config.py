@@ -23,15 +23,19 @@ class EngineConfig:
     max_running_requests: int = 256
     max_prefill_tokens: int = 16384
     enable_prefix_caching: bool = True
-    random_seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None -> torch's default
     cuda_graph: bool = True  # decode steps replay CUDA graphs on GPU (off: --disable-cuda-graph)
+    # Batch-invariant CPU kernels: outputs independent of batch, chunking and offloading (slower).
+    enable_deterministic_inference: bool = False
 
     def __post_init__(self) -> None:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.enable_deterministic_inference and self.attention_backend not in ("auto", "torch"):
+            raise ValueError("--enable-deterministic-inference needs the torch attention backend")
         if self.attention_backend == "auto":
             gpu = "flashinfer" if importlib.util.find_spec("flashinfer") else "triton"
+            gpu = "torch" if self.enable_deterministic_inference else gpu
             self.attention_backend = gpu if self.device == "cuda" else "torch"
         if self.mem_fraction_static is None:
             self.mem_fraction_static = 0.85 if self.device == "cuda" else 0.2

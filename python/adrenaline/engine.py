@@ -7,10 +7,10 @@ from dataclasses import fields
 from typing import Any
 
 from adrenaline.config import EngineConfig
+from adrenaline.core.request import Req, finish_abort
+from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.runner.model_runner import ModelRunner
-from adrenaline.sampling.params import SamplingParams
-from adrenaline.scheduler.request import Req, finish_abort
 from adrenaline.scheduler.scheduler import Scheduler
 
 

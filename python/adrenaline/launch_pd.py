@@ -161,10 +161,23 @@ def plan(
     return starts, prefills, decodes
 
 
+# The router's defaults check worker health once a minute and keep a circuit open for 60 s, so a
+# restarted instance would sit unused for about a minute. These make recovery take seconds: a
+# worker is marked down after 2 failed checks 2 s apart and back up after 1 good one; an open
+# circuit (5 failures within 30 s) is retried after 5 s. docs/pd.md explains each.
+ROUTER_RESILIENCE = [
+    "--health-check-interval-secs", "2", "--health-check-timeout-secs", "2",
+    "--health-failure-threshold", "2", "--health-success-threshold", "1",
+    "--cb-failure-threshold", "5", "--cb-success-threshold", "1",
+    "--cb-timeout-duration-secs", "5", "--cb-window-duration-secs", "30",
+]  # fmt: skip
+
+
 def router_command(host: str, port: int, prefills: list[tuple[str, int]], decodes: list[str]) -> list[str]:
     """SGLang's router in PD mode over ``prefills`` (url, bootstrap port) and ``decodes``."""
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-           "--host", host, "--port", str(port), "--prometheus-port", str(free_port())]  # fmt: skip
+           "--host", host, "--port", str(port), "--prometheus-port", str(free_port()),
+           *ROUTER_RESILIENCE]  # fmt: skip
     for url, bport in prefills:
         cmd += ["--prefill", url, str(bport)]
     for url in decodes:

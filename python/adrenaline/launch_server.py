@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     server_args, ours = parse_server_args(argv)
     from sglang.srt.entrypoints.http_server import launch_server
 
+    from adrenaline.server import http_hooks
     from adrenaline.server.scheduler_process import run_scheduler_process
+
+    http_hooks.install()
 
     url = f"http://{server_args.host}:{server_args.port}"
     mode = server_args.disaggregation_mode or "null"

@@ -10,39 +10,13 @@ so outputs merge by position, with no log-sum-exp combination.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
+from adrenaline.core.batch import AttentionBatch
 from adrenaline.kv_cache.pool import KVPool
 
-
-@dataclass
-class AttentionBatch:
-    """What attention needs to know about the requests of one forward pass, in token order."""
-
-    extend_lens: list[int]  # new tokens of each request in this pass (1 for a decode)
-    seq_lens: list[int]  # KV length of each request after this pass
-    page_table: list[list[int]]  # pages of each request, covering seq_len
-    out_slots: torch.Tensor  # [num_tokens] KV slot of each new token
-
-    @property
-    def num_tokens(self) -> int:
-        return int(sum(self.extend_lens))
-
-    @property
-    def is_decode(self) -> bool:
-        return all(e == 1 for e in self.extend_lens)
-
-    def select(self, rows: list[int], token_offset: int) -> AttentionBatch:
-        """The sub-batch of requests ``rows`` (contiguous in token order from ``token_offset``)."""
-        n = sum(self.extend_lens[r] for r in rows)
-        return AttentionBatch(
-            [self.extend_lens[r] for r in rows],
-            [self.seq_lens[r] for r in rows],
-            [self.page_table[r] for r in rows],
-            self.out_slots[token_offset : token_offset + n],
-        )
+__all__ = ["AttentionBackend", "AttentionBatch", "RemoteAttention", "RemoteAttentionError"]
 
 
 class AttentionBackend(ABC):
@@ -64,6 +38,10 @@ class AttentionBackend(ABC):
         """q: [T, H, D], k/v: [T, Hkv, D] for the planned batch -> [T, H, D]."""
 
 
+class RemoteAttentionError(RuntimeError):
+    """The remote side could not compute its group's attention (dead, stalled or refusing)."""
+
+
 class RemoteAttention(ABC):
     """Computes the attention of some requests elsewhere (the offload hook).
 
@@ -81,4 +59,5 @@ class RemoteAttention(ABC):
 
     @abstractmethod
     def wait(self, layer: int) -> torch.Tensor:
-        """The offloaded group's attention output for ``layer``: [T_remote, H, D]."""
+        """The offloaded group's attention output for ``layer``: [T_remote, H, D]; raises
+        ``RemoteAttentionError`` when it cannot be had."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from adrenaline.attention.base import AttentionBackend, AttentionBatch
+from adrenaline.attention.base import AttentionBackend
+from adrenaline.core.batch import AttentionBatch
 from adrenaline.kv_cache.pool import KVPool
 
 WORKSPACE_BYTES = 256 * 1024 * 1024

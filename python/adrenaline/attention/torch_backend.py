@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adrenaline.attention.base import AttentionBackend, AttentionBatch
+from adrenaline.attention.base import AttentionBackend
+from adrenaline.core.batch import AttentionBatch
 from adrenaline.kv_cache.pool import KVPool
 from sgl_kernel_ext import cpu
-from sgl_kernel_ext.ops import cpu_has_low_precision_fma, paged_decode_attention
+from sgl_kernel_ext.ops import batch_invariant, cpu_has_low_precision_fma, paged_decode_attention
 
 
 def request_slots(pages: list[int], seq_len: int, page_size: int, device: torch.device) -> torch.Tensor:
@@ -39,6 +40,8 @@ class TorchAttentionBackend(AttentionBackend):
         for e in batch.extend_lens:
             starts.append(t)
             t += e
+        if batch_invariant():
+            return self._plan_rowwise(batch)
         dec = [i for i, e in enumerate(batch.extend_lens) if e == 1]
         self.prefills = []
         for i, e in enumerate(batch.extend_lens):
@@ -62,6 +65,24 @@ class TorchAttentionBackend(AttentionBackend):
                 idx[row, : len(pages)] = torch.tensor(pages)
             rows = None if len(dec) == t else torch.tensor([starts[i] for i in dec], device=dev)
             self.decode = (rows, idx.to(dev), torch.tensor(lens, device=dev))
+
+    def _plan_rowwise(self, batch: AttentionBatch) -> None:
+        """Batch-invariant mode: every token, prefill ones too, through the decode kernel as a row of
+        its own over KV[0, position]. Its result then depends on its request alone: not on how the
+        prompt was chunked, nor on the batch, nor on whether the attention ran here or on an
+        executor (which runs the same kernel)."""
+        ps = self.pool.page_size
+        width = max(-(-n // ps) for n in batch.seq_lens)
+        idx = torch.zeros(len(batch.out_slots), width, dtype=torch.long)
+        lens, row = [], 0
+        for pages, e, n in zip(batch.page_table, batch.extend_lens, batch.seq_lens):
+            used = torch.tensor(pages[: -(-n // ps)], dtype=torch.long)
+            idx[row : row + e, : len(used)] = used
+            lens.extend(range(n - e + 1, n + 1))
+            row += e
+        self.prefills = []
+        dev = self.pool.device
+        self.decode = (None, idx.to(dev), torch.tensor(lens, device=dev))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool) -> torch.Tensor:
         """q: [B, H, Tq, D]; k/v: [B, Hkv, Tk, D]. Low precision runs in float32 on CPUs without its FMA."""

@@ -21,9 +21,9 @@ from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.offload.client import OffloadClient
+from adrenaline.offload.exchange import TransportExchange
+from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.process import start_executor
-from adrenaline.offload.protocol import EXEC_ALLOC, EXEC_REPLY
-from adrenaline.scheduler.request import Req
 from adrenaline.transport import create_transport
 
 
@@ -46,19 +46,19 @@ def main() -> None:
     local_pool = KVPool(mc, pages, ps, torch.float32, args.device)
     local = create_backend(backend, local_pool, h, hkv, d)
     transport = create_transport(args.transport, "127.0.0.1", None)
-    client = OffloadClient(transport, timeout_s=30)
-    reqs = []
+    client = OffloadClient(TransportExchange(transport), timeout_s=30)
+    link = ExecutorLink(transport, address, local_pool, pool, ask_timeout_s=30)
     for i in range(n):
-        transport.send(address, EXEC_ALLOC, {"room": i, "tokens": args.context, "ask": i})
-        transport.recv(lambda m, i=i: m.kind == EXEC_REPLY and m.meta.get("ask") == i, 30)
-        req = Req(str(i), [0] * args.context, None)  # type: ignore[arg-type]
-        req.offload, req.extra["bootstrap"] = address, ("", 0, i)
-        reqs.append(req)
+        link.reserve(i, args.context, lambda pages: None)
+    while link.asks:
+        msg = transport.poll(1.0)
+        if msg is not None:
+            link.handle(msg)
     print(f"transport {args.transport}, device {args.device}, context {args.context}, {args.layers} layers")
     print("| batch | round trip p50 (ms/layer) | local attention (ms/layer) | q/k/v out + out back (KiB) |")
     print("|---:|---:|---:|---:|")
     for b in args.batch_sizes:
-        client.prepare(reqs[:b])
+        client.prepare([(address, i) for i in range(b)])
         width = -(-(args.context + args.steps) // ps)
         tables = [list(range(i * width, (i + 1) * width)) for i in range(b)]
         trips, locals_ = [], []

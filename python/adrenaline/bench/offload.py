@@ -5,8 +5,9 @@
 A decode-heavy workload (short prompts, long outputs, many concurrent requests) against a decode
 instance whose KV pool (``--decode-max-total-tokens``) bounds its batch. The prefill instance
 (with the attention executor, when offloading) runs on the first half of the cores, the decode
-instance on the other half. Prints output throughput, TPOT p50/p99, the decode instance's mean
-batch size, the executor's peak KV usage, and the throughput ratio.
+instance on the other half. Prints output throughput, TPOT p50/p99, TTFT p99, the longest gap
+between two chunks of any stream, the decode instance's mean batch size, the executor's peak KV
+usage, and the throughput ratio.
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def main() -> None:
         kv = f"{watch.peak:.1%}" if watch.samples else "-"
         rows.append(
             f"| {mode} | {res['output_throughput']:.1f} | "
-            f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {batch:.1f} | {kv} |"
+            f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {res['p99_ttft_ms']:.0f} | "
+            f"{res['max_itl_ms'] / 1000:.2f} | {batch:.1f} | {kv} |"
         )
         print(rows[-1], flush=True)
     print(f"\nserver args: {' '.join(extra) or '(defaults)'}; decode --max-total-tokens "
           f"{args.decode_max_total_tokens}; {args.num_prompts} prompts in {args.input_len} / out "
           f"{args.output_len}, concurrency {args.max_concurrency}; offload ratio {args.ratio}")  # fmt: skip
-    print("| mode | output tok/s | TPOT p50 / p99 (ms) | mean decode batch | executor KV peak |")
-    print("|---|---:|---:|---:|---:|")
+    print("| mode | output tok/s | TPOT p50 / p99 (ms) | TTFT p99 (ms) | max gap (s) | mean decode batch "
+          "| executor KV peak |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     print(f"throughput ratio (offload / plain): {tput['PD + offload'] / tput['plain PD']:.2f}x")
 

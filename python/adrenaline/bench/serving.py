@@ -91,11 +91,17 @@ def run_client(port: int, tokenizer: str, args: argparse.Namespace) -> dict:
                 str(args.max_concurrency),
                 "--output-file",
                 out,
+                "--output-details",
             ],
             check=True,
         )
         with open(out) as f:
-            return json.loads(f.read().splitlines()[-1])
+            result = json.loads(f.read().splitlines()[-1])
+    # The longest silence any stream saw between two chunks: what a stalled step costs a user.
+    result["max_itl_ms"] = max((g for itl in result.pop("itls", []) for g in itl), default=0.0) * 1000
+    for key in ("input_lens", "output_lens", "ttfts", "generated_texts", "errors"):
+        result.pop(key, None)
+    return result
 
 
 FIELDS = [
@@ -107,6 +113,7 @@ FIELDS = [
     "p99_tpot_ms",
     "median_itl_ms",
     "p99_itl_ms",
+    "max_itl_ms",
 ]
 
 

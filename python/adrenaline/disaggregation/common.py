@@ -1,27 +1,21 @@
-"""What both PD roles share: bootstrap fields, the KV layout check, page packing, statistics."""
+"""What both PD roles share: bootstrap fields, the KV layout, statistics, the manager base."""
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
+from adrenaline.core.request import Req
+from adrenaline.disaggregation.protocol import KVLayout
 from adrenaline.kv_cache.pool import KVPool
-from adrenaline.scheduler.request import Req
+from adrenaline.scheduler.hooks import SchedulerHooks
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.base import Message, Transport
 
 # SGLang's FAKE_BOOTSTRAP_HOST: warmup and health requests carry it and are served locally.
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
-
-# Message kinds of the KV handshake (decode -> prefill: REQUEST, ACK; prefill -> decode: PAGES,
-# DONE, ALIVE while still prefilling; either way: CANCEL).
-KV_REQUEST, KV_PAGES, KV_DONE, KV_ACK, KV_CANCEL = "kv_request", "kv_pages", "kv_done", "kv_ack", "kv_cancel"
-KV_ALIVE = "kv_alive"
 
 
 def bootstrap_of(req: Req) -> tuple[str, int, int] | None:
@@ -30,7 +24,7 @@ def bootstrap_of(req: Req) -> tuple[str, int, int] | None:
     ValueError (HTTP 400) when the fields are missing or malformed: a PD instance only takes
     requests that SGLang's router prepared.
     """
-    host, port, room = req.extra.get("bootstrap", (None, None, None))
+    host, port, room = req.bootstrap
     if host == FAKE_BOOTSTRAP_HOST:
         return None
     if host is None or port is None or room is None:
@@ -47,34 +41,14 @@ def bootstrap_of(req: Req) -> tuple[str, int, int] | None:
     return host, port, room
 
 
-def kv_layout(pool: KVPool) -> dict[str, Any]:
-    """What must agree between the two pools for pages to be copied as they are."""
-    return {
-        "num_layers": len(pool.k),
-        "page_size": pool.page_size,
-        "kv_heads": pool.k[0].shape[2],
-        "head_dim": pool.k[0].shape[3],
-        "dtype": str(pool.dtype).removeprefix("torch."),
-    }
-
-
-def num_pages(tokens: int, page_size: int) -> int:
-    return math.ceil(tokens / page_size)
-
-
-def gather_pages(pool: KVPool, pages: list[int]) -> torch.Tensor:
-    """K and V of ``pages`` for every layer, packed as one [layers, 2, n, page, heads, dim] tensor."""
-    idx = torch.tensor(pages, dtype=torch.long, device=pool.device)
-    return torch.stack([torch.stack([k[idx], v[idx]]) for k, v in zip(pool.k, pool.v)])
-
-
-def scatter_pages(pool: KVPool, pages: list[int], data: torch.Tensor) -> None:
-    """Write a ``gather_pages`` tensor into ``pages`` of this pool."""
-    idx = torch.tensor(pages, dtype=torch.long, device=pool.device)
-    data = data.to(pool.device)
-    for layer, (k, v) in enumerate(zip(pool.k, pool.v)):
-        k[idx] = data[layer, 0]
-        v[idx] = data[layer, 1]
+def kv_layout(pool: KVPool) -> KVLayout:
+    return KVLayout(
+        num_layers=len(pool.k),
+        page_size=pool.page_size,
+        kv_heads=pool.k[0].shape[2],
+        head_dim=pool.k[0].shape[3],
+        dtype=str(pool.dtype).removeprefix("torch."),
+    )
 
 
 @dataclass
@@ -88,22 +62,29 @@ class TransferStats:
         return asdict(self)
 
 
-class TransferManager(ABC):
+class TransferManager(SchedulerHooks, ABC):
     """One PD role's side of the KV handshake, driven by the scheduler loop.
 
     The loop hands it every request (``add_request``), lets it drain its transport every iteration
-    (``tick``) and reports the requests it ``emit``\\s; aborts reach it through ``abort``.
+    (``tick``) and reports the requests it ``emit``\\s; aborts reach it through ``abort``. It plugs
+    into the scheduler as its ``SchedulerHooks`` and uses only the scheduler's declared calls.
     """
 
     role: str
 
     def __init__(
-        self, scheduler: Scheduler, transport: Transport, timeout_s: float, emit: Callable[[Req], None]
+        self,
+        scheduler: Scheduler,
+        pool: KVPool,
+        transport: Transport,
+        timeout_s: float,
+        emit: Callable[[Req], None],
     ) -> None:
         self.scheduler = scheduler
-        self.pool = scheduler.runner.pool
-        self.page_size = scheduler.page_size
-        self.layout = kv_layout(self.pool)
+        scheduler.attach(self)
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.layout = kv_layout(pool)
         self.transport = transport
         self.timeout_s = timeout_s
         self.emit = emit

@@ -1,37 +1,34 @@
-"""Decode side of PD: pre-allocate a routed request's KV pages, receive them and its first token
-from the prefill instance, then decode it like any other request.
+"""Decode side of PD: a routed request queues in the scheduler like any other; when the scheduler
+admits it (its one admission, with the same running cap and KV headroom), its pages are reserved
+and the prefill instance is asked for the prompt's KV and first token; then it decodes.
 
-Admission is FIFO under the running cap and the free pages. The prefill instance is found through
-its bootstrap server (cached per bootstrap address) and told which pages to fill. A request whose
-KV does not arrive within ``timeout_s`` ends with HTTP 504 and frees its pages; the cached
-address of that prefill instance is dropped, so a restarted one is found again.
+The prefill instance is found through its bootstrap server (cached per bootstrap address). A
+request whose KV does not arrive within ``timeout_s`` ends with HTTP 504 and frees its pages; the
+cached address of that prefill instance is dropped, so a restarted one is found again. While a
+request waits in the queue, keepalives tell its prefill instance (which holds its KV) to wait.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from adrenaline.core.request import Req, finish_abort
 from adrenaline.disaggregation.bootstrap import lookup_prefill
-from adrenaline.disaggregation.common import (
-    KV_ACK,
-    KV_ALIVE,
-    KV_CANCEL,
-    KV_DONE,
-    KV_PAGES,
-    KV_REQUEST,
-    TransferManager,
-    bootstrap_of,
-    num_pages,
-    scatter_pages,
+from adrenaline.disaggregation.common import TransferManager, bootstrap_of
+from adrenaline.disaggregation.protocol import (
+    PD,
+    PD_VERSION,
+    KVAck,
+    KVAlive,
+    KVCancel,
+    KVDone,
+    KVPages,
+    KVRequest,
 )
-from adrenaline.offload.policy import OffloadPolicy
-from adrenaline.scheduler.request import Req, finish_abort, finish_length
-from adrenaline.scheduler.scheduler import Scheduler
-from adrenaline.transport.base import Message, Transport, TransportError
+from adrenaline.transport.base import Message, TransportError
+from adrenaline.transport.kv_pages import scatter_pages
 
 logger = logging.getLogger(__name__)
 
@@ -42,30 +39,17 @@ class Inbound:
     room: int
     bootstrap: tuple[str, int]
     deadline: float
-    peer: str | None = None  # the prefill instance's transport address
-    pages: list[int] = field(default_factory=list)
+    peer: str | None = None  # the prefill instance's transport address, once asked for the KV
     received: int = 0  # pages written so far
-    offload: bool = False  # its KV stays in the prefill side's attention executor
-    may_offload: bool = True  # False once the prefill side could not take it
-    last_alive: float = 0.0  # when the prefill side last heard we still want it (while pending)
+    last_alive: float = 0.0  # when the prefill side last heard we still want it (while queued)
 
 
 class DecodeTransfers(TransferManager):
     role = "decode"
 
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        transport: Transport,
-        timeout_s: float,
-        emit: Callable[[Req], None],
-        policy: OffloadPolicy | None = None,
-    ) -> None:
-        """``policy`` decides which admitted requests offload their attention (None: none do)."""
-        super().__init__(scheduler, transport, timeout_s, emit)
-        self.policy = policy
-        self.pending: deque[Inbound] = deque()  # waiting for pages here
-        self.inflight: dict[int, Inbound] = {}  # asked the prefill side, KV on its way
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inbound: dict[int, Inbound] = {}  # bootstrap room -> queued or KV on its way
         self.addresses: dict[tuple[str, int], str] = {}
 
     # ---- requests from the front end ----------------------------------------------------------
@@ -75,94 +59,50 @@ class DecodeTransfers(TransferManager):
             self.scheduler.add_request(req)
             return
         host, port, room = boot
-        if room in self.inflight or any(t.room == room for t in self.pending):
+        if room in self.inbound:
             raise ValueError(f"bootstrap_room {room} is already in use on this decode instance")
-        self.scheduler.prepare(req)
+        self.scheduler.validate(req)
         # Prompt logprobs are the prefill instance's: SGLang's router merges them into the reply.
         req.logprob_start_len = -1
-        if req.params.max_new_tokens == 0:
-            req.finished_reason = finish_length(0)
+        self.scheduler.add_request(req)
+        if req.finished:  # max_new_tokens == 0: nothing to decode
             self.emit(req)
             return
-        self.pending.append(Inbound(req, room, (host, port), time.monotonic() + self.timeout_s))
+        self.inbound[room] = Inbound(req, room, (host, port), time.monotonic() + self.timeout_s)
 
     def requests(self) -> list[Req]:
-        return [t.req for t in [*self.pending, *self.inflight.values()]]
+        return [t.req for t in self.inbound.values()]
 
     def abort(self, rid: str, reason: dict) -> list[Req]:
-        hit = [t for t in [*self.pending, *self.inflight.values()] if t.req.rid == rid]
+        hit = [t for t in self.inbound.values() if t.req.rid == rid]
         for t in hit:
             self._end(t, reason, tell_peer=f"aborted on the decode instance: {reason.get('message')}")
         return [t.req for t in hit]
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.pending or self.inflight)
+    # ---- the scheduler's hooks ----------------------------------------------------------------
+    def _inbound(self, req: Req) -> Inbound | None:
+        t = self.inbound.get(req.bootstrap.room)
+        return t if t is not None and t.req is req else None
 
-    def tick(self) -> None:
-        super().tick()
-        self.admit()
-        if self.scheduler.remote is not None:
-            self.scheduler.remote.flush()
+    def prefilled_elsewhere(self, req: Req) -> bool:
+        return self._inbound(req) is not None
 
-    def info(self) -> dict:
-        info = super().info()
-        remote = self.scheduler.remote
-        if remote is not None:
-            local, offloaded = self._counts()
-            info["offload"] = {
-                "local_requests": local,
-                "offloaded_requests": offloaded,
-                "offloaded_steps": remote.steps,
-                "fallbacks": self.scheduler.stats.offload_fallbacks,
-                "executors": remote.executor_kv,  # each executor's last reported KV usage
-            }
-        return info
-
-    def _counts(self) -> tuple[int, int]:
-        """(local, offloaded) requests running or on their way here."""
-        offloaded = sum(r.offload is not None for r in self.scheduler.running)
-        offloaded += sum(t.offload for t in self.inflight.values())
-        return len(self.scheduler.running) + len(self.inflight) - offloaded, offloaded
-
-    # ---- admission ----------------------------------------------------------------------------
-    def admit(self) -> None:
-        """Allocate pages and ask the prefill side, oldest first, while room remains."""
-        s = self.scheduler
-        while self.pending and len(s.running) + len(self.inflight) < s.config.max_running_requests:
-            t = self.pending[0]
-            t.offload = t.may_offload and self.policy is not None and self.policy.offload(*self._counts())
-            need = 0 if t.offload else num_pages(len(t.req.input_ids), self.page_size)
-            if need > s.allocator.num_available:
-                return
-            if need and (s.running or self.inflight) and (s.waiting or not self._has_room(t)):
-                return  # retracted requests go first; running ones keep room to grow
-            self.pending.popleft()
-            try:
-                t.peer = self._address(t.bootstrap)
-            except OSError as e:
-                self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
-                continue
-            t.pages = s.allocator.alloc(need)
-            t.deadline = time.monotonic() + self.timeout_s
-            self.inflight[t.room] = t
-            meta = {
-                "room": t.room,
-                "rid": t.req.rid,
-                "pages": t.pages,
-                "layout": self.layout,
-                "offload": t.offload,
-            }
-            try:
-                self.transport.send(t.peer, KV_REQUEST, meta)
-            except TransportError as e:
-                self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
-
-    def _has_room(self, t: Inbound) -> bool:
-        """Room for ``t`` next to the running requests and those whose KV is on its way."""
-        s = self.scheduler
-        coming = sum(s.headroom.pages(i.req, len(i.pages)) for i in self.inflight.values() if not i.offload)
-        return s.has_room(t.req, held=0, extra=coming)
+    def on_admitted(self, req: Req) -> None:
+        """Ask the prefill side for the KV, into ``req.pages`` (or kept there when placed remotely)."""
+        t = self._inbound(req)
+        try:
+            t.peer = self._address(t.bootstrap)
+        except OSError as e:
+            self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
+            return
+        t.deadline = time.monotonic() + self.timeout_s
+        t.received = 0
+        offload = not self.scheduler.placement.is_local(req)
+        msg = KVRequest(PD_VERSION, t.room, req.rid, list(req.pages), self.layout, offload)
+        try:
+            PD.send(self.transport, t.peer, msg)
+        except TransportError as e:
+            self._fail(t, finish_abort(f"prefill instance not reachable: {e}", 502))
 
     def _address(self, bootstrap: tuple[str, int]) -> str:
         addr = self.addresses.get(bootstrap)
@@ -172,38 +112,37 @@ class DecodeTransfers(TransferManager):
 
     # ---- messages from prefill instances ------------------------------------------------------
     def handle(self, msg: Message) -> None:
-        t = self.inflight.get(msg.meta.get("room"))
+        m = PD.parse(msg)
+        t = self.inbound.get(m.room) if m is not None else None
         if t is None or t.peer != msg.peer:
-            logger.debug("%s for unknown bootstrap room from %s dropped", msg.kind, msg.peer)
+            logger.debug("%s for no transfer of ours from %s dropped", msg.kind, msg.peer)
             return
         t.deadline = time.monotonic() + self.timeout_s  # the peer is alive
-        if msg.kind == KV_PAGES:
-            first, data = msg.meta["first"], msg.tensors[0]
-            scatter_pages(self.pool, t.pages[first : first + data.shape[2]], data)
-            t.received = max(t.received, first + data.shape[2])
+        if isinstance(m, KVPages):
+            data = msg.tensors[0]
+            scatter_pages(self.pool, t.req.pages[m.first : m.first + data.shape[2]], data)
+            t.received = max(t.received, m.first + data.shape[2])
             self.stats.kv_bytes += data.numel() * data.element_size()
-        elif msg.kind == KV_DONE:
-            if t.received < len(t.pages):
-                text = f"prefill finished with {t.received} of {len(t.pages)} KV pages sent"
-                self._fail(t, finish_abort(text, 500), tell_peer=text)
-                return
-            del self.inflight[t.room]
-            self.transport.send(t.peer, KV_ACK, {"room": t.room})
-            self.stats.transfers += 1
-            self.stats.pages += len(t.pages)
-            t.req.pages = t.pages
-            if t.offload:
-                t.req.offload = msg.meta["executor"]
-                t.req.extra["attention_offloaded"] = True
-            top = [tuple(x) for x in msg.meta["top"]] if msg.meta.get("top") else msg.meta.get("top")
-            self.scheduler.admit_prefilled(t.req, msg.meta["token"], msg.meta.get("logprob"), top)
-            self.emit(t.req)
-        elif msg.kind == KV_CANCEL and t.offload and msg.meta.get("local_ok"):
-            del self.inflight[t.room]  # no executor room there: take its KV here after all
-            t.offload = t.may_offload = False
-            self.pending.appendleft(t)
-        elif msg.kind == KV_CANCEL:
-            self._fail(t, finish_abort(f"prefill instance: {msg.meta.get('message')}", 502))
+        elif isinstance(m, KVDone):
+            self._done(t, m)
+        elif isinstance(m, KVCancel) and m.retry_local and not self.scheduler.placement.is_local(t.req):
+            t.peer = None  # no executor room there: take its KV here after all
+            self.scheduler.requeue_local(t.req)
+        elif isinstance(m, KVCancel):
+            self._fail(t, finish_abort(f"prefill instance: {m.message}", 502))
+
+    def _done(self, t: Inbound, m: KVDone) -> None:
+        pages = len(t.req.pages)
+        if t.received < pages:
+            text = f"prefill finished with {t.received} of {pages} KV pages sent"
+            self._fail(t, finish_abort(text, 500), tell_peer=text)
+            return
+        del self.inbound[t.room]
+        PD.send(self.transport, t.peer, KVAck(t.room))
+        self.stats.transfers += 1
+        self.stats.pages += pages
+        self.scheduler.admit_prefilled(t.req, m.token, m.logprob, m.top, m.executor)
+        self.emit(t.req)
 
     # ---- endings ------------------------------------------------------------------------------
     def _fail(self, t: Inbound, reason: dict, tell_peer: str | None = None) -> None:
@@ -212,19 +151,15 @@ class DecodeTransfers(TransferManager):
         self.emit(t.req)
 
     def _end(self, t: Inbound, reason: dict, tell_peer: str | None = None) -> None:
-        """Forget a transfer, free its pages, finish its request with ``reason``."""
-        if t in self.pending:
-            self.pending.remove(t)
-        self.inflight.pop(t.room, None)
-        if t.pages:
-            self.scheduler.allocator.free(t.pages)
-            t.pages = []
+        """Forget a transfer, end its request with ``reason`` (the scheduler frees its pages)."""
+        self.inbound.pop(t.room, None)
         if tell_peer and t.peer is not None:
             try:
-                self.transport.send(t.peer, KV_CANCEL, {"room": t.room, "message": tell_peer})
+                PD.send(self.transport, t.peer, KVCancel(t.room, tell_peer))
             except TransportError:
                 pass
-        t.req.finished_reason = dict(reason)
+        if not self.scheduler.abort(t.req.rid, reason):
+            t.req.finished_reason = dict(reason)
 
     def expire(self) -> None:
         """Fail transfers whose prefill side went quiet; keep the prefill side of queued ones waiting.
@@ -233,14 +168,14 @@ class DecodeTransfers(TransferManager):
         keepalives tell its prefill instance, which holds its KV meanwhile, that it is wanted.
         """
         now = time.monotonic()
-        for t in self.pending:
-            if now - t.last_alive > self.timeout_s / 3:
+        for t in self.inbound.values():
+            if t.peer is None and now - t.last_alive > self.timeout_s / 3:
                 t.last_alive = now
                 try:
-                    self.transport.send(self._address(t.bootstrap), KV_ALIVE, {"room": t.room})
+                    PD.send(self.transport, self._address(t.bootstrap), KVAlive(t.room))
                 except (OSError, TransportError):
                     pass  # unreachable now: its deadline there ends it, or admission finds out
-        for t in [t for t in self.inflight.values() if t.deadline < now]:
+        for t in [t for t in self.inbound.values() if t.peer is not None and t.deadline < now]:
             host, port = t.bootstrap
             text = f"no KV from the prefill instance (bootstrap {host}:{port}) within {self.timeout_s:g} s"
             logger.warning("%s: request %s failed", text, t.req.rid)

@@ -14,6 +14,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 
+def num_pages(tokens: int, page_size: int) -> int:
+    """Pages that hold ``tokens`` tokens."""
+    return -(-tokens // page_size)
+
+
 def page_hashes(tokens: Sequence[int], page_size: int, limit: int | None = None) -> list[bytes]:
     """Chained hashes of the full pages of ``tokens`` (at most ``limit`` pages)."""
     n = len(tokens) // page_size
@@ -30,6 +35,10 @@ def page_hashes(tokens: Sequence[int], page_size: int, limit: int | None = None)
 
 class OutOfPages(RuntimeError):
     pass
+
+
+class KVPoolCorrupted(RuntimeError):
+    """The page accounting is broken: no request can be served correctly any more."""
 
 
 class PageAllocator:
@@ -77,13 +86,13 @@ class PageAllocator:
         """Take one more reference on held pages (a KV transfer keeps them past their request)."""
         for p in pages:
             if self._refs[p] <= 0:
-                raise RuntimeError(f"retain of free page {p}")
+                raise KVPoolCorrupted(f"retain of free page {p}")
             self._refs[p] += 1
 
     def free(self, pages: Sequence[int]) -> None:
         for p in pages:
             if self._refs[p] <= 0:
-                raise RuntimeError(f"double free of page {p}")
+                raise KVPoolCorrupted(f"double free of page {p}")
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 if p in self._hash_of:

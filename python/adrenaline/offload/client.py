@@ -1,113 +1,77 @@
-"""Decode side of attention offloading: a ``RemoteAttention`` over attention executors.
+"""Decode side of attention offloading: the ``RemoteAttention`` of a step's offloaded group.
 
-Once per step, before layer 0, each executor of the step's offloaded group gets the group's rooms
-and lengths plus the rooms freed since (``begin``). Per layer, each gets its rows of the packed
-q|k|v in one message (``submit``) while the local group's attention runs here, and its output
-comes back (``wait``); outputs are concatenated in batch order. A missing or failed answer raises
-``TransportError`` after ``timeout_s``: the scheduler then recomputes those requests locally.
+Once per step, before layer 0, each executor of the group gets the group's rooms and lengths plus
+the rooms freed since (``begin``). Per layer, each gets its rows of the packed q|k|v while the
+local group's attention runs here (``submit``), and its output comes back (``wait``); outputs are
+concatenated in batch order. A missing or failed answer raises ``RemoteAttentionError`` after
+``timeout_s``: the scheduler then recomputes those requests locally. The client measures the
+step (``begin`` to the last ``wait``) and the time spent waiting: the load view's exchange times.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 
-from adrenaline.attention.base import AttentionBatch, RemoteAttention
-from adrenaline.offload.protocol import ATTN_ERROR, ATTN_FREE, ATTN_OUT, ATTN_QKV, ATTN_STEP
-from adrenaline.scheduler.request import Req
-from adrenaline.transport.base import Message, PeerTimeout, Transport, TransportError
+from adrenaline.attention.base import RemoteAttention
+from adrenaline.core.batch import AttentionBatch
+from adrenaline.offload.exchange import AttentionExchange, Group
 
-
-def room_of(req: Req) -> int:
-    return req.extra["bootstrap"][2]
-
-
-@dataclass
-class _Group:
-    executor: str
-    start: int  # first row of the offloaded group (one row per request: decode tokens)
-    rooms: list[int] = field(default_factory=list)
+EWMA = 0.2  # weight of the newest measurement in the running averages
 
 
 class OffloadClient(RemoteAttention):
-    def __init__(self, transport: Transport, timeout_s: float) -> None:
-        self.transport = transport
+    def __init__(self, exchange: AttentionExchange, timeout_s: float) -> None:
+        self.exchange = exchange
         self.timeout_s = timeout_s
         self.step = 0
-        self.groups: list[_Group] = []
+        self.groups: list[Group] = []
         self.frees: dict[str, list[int]] = defaultdict(list)
-        self.executor_kv: dict[str, dict] = {}  # executor -> its last reported KV usage
-        self.steps = 0
+        self.step_s = 0.0  # running average: begin to the last layer's output
+        self.wait_s = 0.0  # running average, per step: time blocked on outputs
+        self._began = self._ended = self._waited = 0.0
 
-    # ---- the scheduler's calls ----------------------------------------------------------------
-    def prepare(self, reqs: list[Req]) -> None:
-        """The offloaded group of the next forward, in batch order (grouped by executor)."""
+    def prepare(self, targets: list[tuple[str, int]]) -> RemoteAttention:
+        """The next forward's offloaded group: (executor, room) per request in batch order."""
         self.groups = []
-        for i, req in enumerate(reqs):
-            if not self.groups or self.groups[-1].executor != req.offload:
-                self.groups.append(_Group(req.offload, i))
-            self.groups[-1].rooms.append(room_of(req))
+        for i, (executor, room) in enumerate(targets):
+            if not self.groups or self.groups[-1].executor != executor:
+                self.groups.append(Group(executor, i))
+            self.groups[-1].rooms.append(room)
+        return self
 
-    def free(self, req: Req) -> None:
+    def free(self, executor: str, room: int) -> None:
         """Release a request's executor KV (sent with the next step, or by ``flush``)."""
-        self.frees[req.offload].append(room_of(req))
+        self.frees[executor].append(room)
 
     def flush(self) -> None:
         for executor, rooms in list(self.frees.items()):
-            self._send(executor, ATTN_FREE, {"rooms": rooms})
+            self.exchange.free(executor, rooms)
         self.frees.clear()
-
-    def _send(self, executor: str, kind: str, meta: dict, tensors: tuple = ()) -> None:
-        try:
-            self.transport.send(executor, kind, meta, tensors)
-        except TransportError:
-            pass  # the answer's timeout reports it
 
     # ---- RemoteAttention ----------------------------------------------------------------------
     def begin(self, batch: AttentionBatch) -> None:
         if not batch.is_decode:
             raise ValueError("offloaded requests only decode: their prompts were prefilled elsewhere")
+        if self._ended > self._began:  # the previous step's measurements are complete
+            self.step_s += EWMA * ((self._ended - self._began) - self.step_s)
+            self.wait_s += EWMA * (self._waited - self.wait_s)
         self.step += 1
-        self.steps += 1
+        self._began, self._waited = time.perf_counter(), 0.0
         for g in self.groups:
-            meta = {
-                "step": self.step,
-                "rooms": g.rooms,
-                "seq_lens": batch.seq_lens[g.start : g.start + len(g.rooms)],
-                "frees": self.frees.pop(g.executor, []),
-            }
-            self._send(g.executor, ATTN_STEP, meta)
+            g.seq_lens = batch.seq_lens[g.start : g.start + len(g.rooms)]
+        self.exchange.begin(self.step, self.groups, self.frees)
 
     def submit(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.device = q.device
         qkv = torch.cat([q, k, v], dim=1)  # one transfer per executor: [rows, H + 2 Hkv, D]
-        for g in self.groups:
-            rows = qkv[g.start : g.start + len(g.rooms)]
-            self._send(g.executor, ATTN_QKV, {"step": self.step, "layer": layer}, (rows,))
+        self.exchange.submit(self.step, layer, self.groups, qkv)
 
     def wait(self, layer: int) -> torch.Tensor:
-        outs = [self._answer(g.executor, layer) for g in self.groups]
+        tic = time.perf_counter()
+        outs = [self.exchange.wait(self.step, layer, g, self.timeout_s).to(self.device) for g in self.groups]
+        self._ended = time.perf_counter()
+        self._waited += self._ended - tic
         return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _answer(self, executor: str, layer: int) -> torch.Tensor:
-        step = self.step
-
-        def match(m: Message) -> bool:
-            return (
-                m.peer == executor
-                and m.kind in (ATTN_OUT, ATTN_ERROR)
-                and m.meta.get("step") == step
-                and m.meta.get("layer") == layer
-            )
-
-        try:
-            msg = self.transport.recv(match, self.timeout_s)
-        except PeerTimeout as e:
-            raise PeerTimeout(f"attention executor {executor} did not answer layer {layer}: {e}") from e
-        if msg.kind == ATTN_ERROR:
-            raise TransportError(f"attention executor {executor}: {msg.meta.get('message')}")
-        if "stats" in msg.meta:
-            self.executor_kv[executor] = msg.meta["stats"]
-        return msg.tensors[0].to(self.device)

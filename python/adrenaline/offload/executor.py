@@ -15,27 +15,30 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from adrenaline.attention import create_backend
-from adrenaline.attention.base import AttentionBackend, AttentionBatch
-from adrenaline.disaggregation.common import num_pages
-from adrenaline.kv_cache.allocator import PageAllocator
+from adrenaline.attention.base import AttentionBackend
+from adrenaline.core.batch import AttentionBatch
+from adrenaline.kv_cache.allocator import PageAllocator, num_pages
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.offload.protocol import (
-    ATTN_ERROR,
-    ATTN_FREE,
-    ATTN_OUT,
-    ATTN_QKV,
-    ATTN_STEP,
-    EXEC_ALLOC,
-    EXEC_FREE,
-    EXEC_REPLY,
-    EXEC_STATS,
+    OFFLOAD,
+    AttnError,
+    AttnFree,
+    AttnOut,
+    AttnQKV,
+    AttnStep,
+    ExecAlloc,
+    ExecAllocReply,
+    ExecFree,
+    ExecStatsAsk,
+    ExecStatsReply,
+    ExecutorStats,
 )
 from adrenaline.transport.base import Message, Transport
+from adrenaline.transport.protocol import Mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -86,36 +89,48 @@ class AttentionExecutor:
             if pages:
                 self.allocator.free(pages)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ExecutorStats:
         a = self.allocator
-        return {
-            "requests": len(self.pages),
-            "used_pages": a.num_used,
-            "num_pages": a.num_pages,
-            "kv_usage": a.num_used / a.num_pages,
-            "decode_peers": sorted(self.backends),
-            "layers_served": self.layers_served,
-        }
+        return ExecutorStats(
+            len(self.pages), a.num_used, a.num_pages, self.layers_served, sorted(self.backends)
+        )
 
     # ---- messages -------------------------------------------------------------------------------
     def handle(self, msg: Message) -> None:
-        m = msg.meta
-        if msg.kind == ATTN_STEP:
-            self._free(m.get("frees", []))
-            self.steps[msg.peer] = self._plan(msg.peer, m["step"], m["rooms"], m["seq_lens"])
-        elif msg.kind == ATTN_QKV:
-            self._attend(msg)
-        elif msg.kind in (ATTN_FREE, EXEC_FREE):
-            self._free(m["rooms"])
-        elif msg.kind == EXEC_ALLOC:
-            try:
-                reply = {"pages": self._grow(m["room"], m["tokens"])}
-            except MemoryError as e:
-                self._free([m["room"]])
-                reply = {"error": str(e)}
-            self.transport.send(msg.peer, EXEC_REPLY, {"ask": m["ask"], **reply})
-        elif msg.kind == EXEC_STATS:
-            self.transport.send(msg.peer, EXEC_REPLY, {"ask": m["ask"], "stats": self.stats()})
+        m = OFFLOAD.parse(msg)
+        if isinstance(m, AttnStep):
+            self._free(m.frees)
+            self.steps[msg.peer] = self._plan(msg.peer, m.step, m.rooms, m.seq_lens)
+        elif isinstance(m, AttnQKV):
+            self._attend(msg.peer, m, msg.tensors[0])
+        elif isinstance(m, (AttnFree, ExecFree)):
+            self._free(m.rooms)
+        elif isinstance(m, ExecAlloc):
+            self._alloc(msg.peer, m)
+        elif isinstance(m, ExecStatsAsk):
+            OFFLOAD.send(self.transport, msg.peer, ExecStatsReply(m.ask, self.stats()))
+        elif isinstance(m, Mismatch):
+            self._refuse(msg.peer, m)
+        else:
+            logger.warning("unexpected message %s from %s dropped", msg.kind, msg.peer)
+
+    def _refuse(self, peer: str, m: Mismatch) -> None:
+        """Answer a peer speaking another protocol version with the error, where it waits for one."""
+        logger.error(m.error)
+        if m.kind == AttnStep.__name__:
+            self.steps[peer] = _Step(m.meta.get("step", -1), None, m.error)
+        elif m.kind == ExecAlloc.__name__:
+            reply = ExecAllocReply(m.meta.get("ask", -1), m.meta.get("room", -1), self.stats(), None, m.error)
+            OFFLOAD.send(self.transport, peer, reply)
+
+    def _alloc(self, peer: str, m: ExecAlloc) -> None:
+        pages, error = None, None
+        try:
+            pages = self._grow(m.room, m.tokens)
+        except MemoryError as e:
+            self._free([m.room])
+            error = str(e)
+        OFFLOAD.send(self.transport, peer, ExecAllocReply(m.ask, m.room, self.stats(), pages, error))
 
     def _plan(self, peer: str, step: int, rooms: list[int], seq_lens: list[int]) -> _Step:
         unknown = [r for r in rooms if r not in self.pages]
@@ -139,22 +154,20 @@ class AttentionExecutor:
         backend.plan(batch)
         return _Step(step, backend)
 
-    def _attend(self, msg: Message) -> None:
-        step, layer = msg.meta["step"], msg.meta["layer"]
-        plan = self.steps.get(msg.peer)
-        if plan is None or plan.step != step or plan.backend is None:
-            error = plan.error if plan is not None and plan.step == step else f"step {step} was not announced"
-            self.transport.send(msg.peer, ATTN_ERROR, {"step": step, "layer": layer, "message": error})
+    def _attend(self, peer: str, m: AttnQKV, qkv: torch.Tensor) -> None:
+        plan = self.steps.get(peer)
+        if plan is None or plan.step != m.step or plan.backend is None:
+            error = (
+                plan.error if plan is not None and plan.step == m.step else f"step {m.step} was not announced"
+            )
+            OFFLOAD.send(self.transport, peer, AttnError(m.step, m.layer, error))
             return
         h, hkv, _ = self.heads
-        qkv = msg.tensors[0].to(self.pool.device)
-        q, k, v = qkv.split([h, hkv, hkv], dim=1)
-        out = plan.backend.forward(layer, q, k, v)
-        meta = {"step": step, "layer": layer}
-        if layer == 0:
-            meta["stats"] = {"used_pages": self.allocator.num_used, "num_pages": self.allocator.num_pages}
-        self.transport.send(msg.peer, ATTN_OUT, meta, [out])
+        q, k, v = qkv.to(self.pool.device).split([h, hkv, hkv], dim=1)
+        out = plan.backend.forward(m.layer, q, k, v)
         self.layers_served += 1
+        a = self.allocator
+        OFFLOAD.send(self.transport, peer, AttnOut(m.step, m.layer, a.num_used, a.num_pages), [out])
 
     def serve(self, alive: Callable[[], bool]) -> None:
         """Serve until ``alive()`` (checked every second) turns false."""

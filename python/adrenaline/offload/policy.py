@@ -1,15 +1,50 @@
-"""Which new decode requests are offloaded: decided once, at admission."""
+"""Which new decode requests are offloaded: decided once, at admission, from the load view.
+
+A policy gets the live ``LoadView`` and the candidate request and answers offload-or-not with a
+reason (reported in ``/server_info``). A load-aware policy is another ``OffloadPolicy`` here; it
+needs nothing outside ``offload/``.
+"""
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from adrenaline.core.request import Req
+from adrenaline.scheduler.placement import LocalLoad
+
+
+@dataclass
+class ExecutorLoad:
+    used_pages: int = 0  # as the executor last reported (0 until it answered a layer)
+    num_pages: int = 0
+    requests: int = 0  # this instance's requests placed there (decoding or on their way)
+
+
+@dataclass
+class LoadView:
+    local: LocalLoad  # this instance: admitted requests, free pages
+    num_offloaded: int  # admitted requests placed on executors
+    executors: dict[str, ExecutorLoad] = field(default_factory=dict)
+    step_s: float = 0.0  # measured: an offloaded step, begin to the last layer's output
+    exchange_wait_s: float = 0.0  # measured: per step, time blocked on executors' outputs
+
+    @property
+    def num_local(self) -> int:
+        return self.local.requests - self.num_offloaded
+
+
+@dataclass
+class Decision:
+    offload: bool
+    reason: str
 
 
 class OffloadPolicy(ABC):
     @abstractmethod
-    def offload(self, num_local: int, num_offloaded: int) -> bool:
-        """Whether the next admitted request runs its attention on an executor."""
+    def decide(self, view: LoadView, req: Req) -> Decision:
+        """Whether ``req``, being admitted, runs its attention on an executor, and why."""
 
 
 class StaticRatioPolicy(OffloadPolicy):
@@ -21,10 +56,15 @@ class StaticRatioPolicy(OffloadPolicy):
         self.ratio = ratio
         self.max_offloaded = max_offloaded if max_offloaded is not None else math.inf
 
-    def offload(self, num_local: int, num_offloaded: int) -> bool:
-        if self.ratio == 0 or num_offloaded >= self.max_offloaded:
-            return False
+    def decide(self, view: LoadView, req: Req) -> Decision:
+        n, m = view.num_offloaded, view.num_local
+        if self.ratio == 0:
+            return Decision(False, "offload ratio 0")
+        if n >= self.max_offloaded:
+            return Decision(False, f"{n} offloaded: at the cap of {self.max_offloaded}")
         if math.isinf(self.ratio):
-            return True
+            return Decision(True, "offload ratio inf")
         # offloading this one keeps N/M closest to the target without overshooting it
-        return num_offloaded + 1 <= self.ratio * max(num_local, 1)
+        if n + 1 <= self.ratio * max(m, 1):
+            return Decision(True, f"{n + 1}:{m} within ratio {self.ratio:g}")
+        return Decision(False, f"{n + 1}:{m} would exceed ratio {self.ratio:g}")

@@ -1,10 +1,103 @@
-"""Message kinds between decode instances, prefill schedulers and attention executors."""
+"""Messages between decode instances, prefill schedulers and attention executors (one version).
+
+Per decode step, a decode instance sends each executor of its offloaded group one ``AttnStep``
+(rooms, lengths, rooms freed since), then per layer one ``AttnQKV`` with the packed q|k|v; the
+executor answers each layer with ``AttnOut`` (the output, plus its KV usage) or ``AttnError``. The
+prefill scheduler beside an executor reserves pages for an offloaded prompt (``ExecAlloc``, which
+carries the version), frees them and reads the executor's statistics, never waiting for a reply.
+"""
 
 from __future__ import annotations
 
-# decode -> executor: once per step (rooms, lengths, frees), then packed q|k|v per layer
-ATTN_STEP, ATTN_QKV, ATTN_FREE = "attn_step", "attn_qkv", "attn_free"
-# executor -> decode: the layer's attention output, or why the step cannot be served
-ATTN_OUT, ATTN_ERROR = "attn_out", "attn_error"
-# prefill scheduler -> executor: pages for a prompt's KV, frees, statistics (each answered)
-EXEC_ALLOC, EXEC_FREE, EXEC_STATS, EXEC_REPLY = "exec_alloc", "exec_free", "exec_stats", "exec_reply"
+from msgspec import Struct
+
+from adrenaline.transport.protocol import Protocol
+
+OFFLOAD_VERSION = 1
+
+
+class ExecutorStats(Struct):
+    requests: int  # rooms holding KV
+    used_pages: int
+    num_pages: int
+    layers_served: int
+    decode_peers: list[str]
+
+
+# ---- decode instance -> executor ---------------------------------------------------------------
+class AttnStep(Struct):
+    version: int
+    step: int
+    rooms: list[int]
+    seq_lens: list[int]
+    frees: list[int]
+
+
+class AttnQKV(Struct):  # + one tensor: [rows, H + 2 Hkv, D]
+    step: int
+    layer: int
+
+
+class AttnFree(Struct):
+    rooms: list[int]
+
+
+# ---- executor -> decode instance ---------------------------------------------------------------
+class AttnOut(Struct):  # + one tensor: [rows, H, D]
+    step: int
+    layer: int
+    used_pages: int  # the executor's KV usage after this layer
+    num_pages: int
+
+
+class AttnError(Struct):
+    step: int
+    layer: int
+    message: str
+
+
+# ---- prefill scheduler <-> its executor --------------------------------------------------------
+class ExecAlloc(Struct):
+    version: int
+    ask: int
+    room: int
+    tokens: int
+
+
+class ExecAllocReply(Struct):
+    ask: int
+    room: int
+    stats: ExecutorStats
+    pages: list[int] | None = None
+    error: str | None = None
+
+
+class ExecFree(Struct):
+    rooms: list[int]
+
+
+class ExecStatsAsk(Struct):
+    ask: int
+
+
+class ExecStatsReply(Struct):
+    ask: int
+    stats: ExecutorStats
+
+
+OFFLOAD = Protocol(
+    "attention offload",
+    OFFLOAD_VERSION,
+    [
+        AttnStep,
+        AttnQKV,
+        AttnFree,
+        AttnOut,
+        AttnError,
+        ExecAlloc,
+        ExecAllocReply,
+        ExecFree,
+        ExecStatsAsk,
+        ExecStatsReply,
+    ],
+)

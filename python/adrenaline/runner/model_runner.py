@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from adrenaline.attention import RemoteAttention, SplitAttention, create_backend
 from adrenaline.config import EngineConfig
+from adrenaline.core.batch import ForwardBatch
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig, resolve_dtype
 from adrenaline.models.loader import load_model
-from adrenaline.scheduler.batch import ForwardBatch
+from sgl_kernel_ext.ops import set_batch_invariant
 
 logger = logging.getLogger(__name__)
 
@@ -22,15 +24,19 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        set_batch_invariant(config.enable_deterministic_inference)
         self.model_config = ModelConfig.from_pretrained(model_path)
         hf_dtype = getattr(self.model_config.hf_config, "dtype", None) or getattr(
             self.model_config.hf_config, "torch_dtype", None
         )
         self.dtype = resolve_dtype(config.dtype, hf_dtype)
+        tic = time.perf_counter()
         self.model = load_model(model_path, self.model_config, self.dtype, self.device, show_progress)
         self.page_size = config.page_size
         num_pages = self._num_pages()
+        toc = time.perf_counter()
         self.pool = KVPool(self.model_config, num_pages, self.page_size, self.dtype, self.device)
+        self.startup_s = {"load_weight": toc - tic, "kv_cache_allocation": time.perf_counter() - toc}
         mc = self.model_config
         self.backend = create_backend(
             config.attention_backend, self.pool, mc.num_heads, mc.num_kv_heads, mc.head_dim

@@ -1,5 +1,5 @@
 """Sampling: parameters, the batched sampler and grammar-constrained decoding."""
 
-from adrenaline.sampling.params import SamplingParams
+from adrenaline.core.sampling_params import SamplingParams
 
 __all__ = ["SamplingParams"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adrenaline.sampling.params import SamplingParams
+from adrenaline.core.sampling_params import SamplingParams
 
 
 class Grammar:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from adrenaline.core.request import Req
+from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.sampling.grammar import Grammar, GrammarCompiler
-from adrenaline.sampling.params import SamplingParams
 
 
 @dataclass
@@ -23,6 +24,19 @@ class SampleRow:
     block_eos: bool = False  # min_new_tokens not reached: EOS/stop ids are masked
     top_logprobs_num: int = 0
     want_logprob: bool = False
+
+    @classmethod
+    def of(cls, req: Req) -> SampleRow:
+        return cls(
+            params=req.params,
+            prompt_ids=req.input_ids,
+            output_ids=req.output_ids,
+            generator=req.generator,
+            grammar=req.grammar,
+            block_eos=len(req.output_ids) < req.params.min_new_tokens,
+            top_logprobs_num=req.top_logprobs_num if req.return_logprob else 0,
+            want_logprob=req.return_logprob,
+        )
 
 
 @dataclass

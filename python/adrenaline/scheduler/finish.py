@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adrenaline.scheduler.request import Req, finish_length, finish_stop
+from adrenaline.core.request import Req, finish_length, finish_stop
 
 
 class FinishChecker:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from adrenaline.scheduler.request import Req
+if TYPE_CHECKING:  # the rule is pure: the capacity planner (adrenaline.sim) imports it without torch
+    from adrenaline.core.request import Req
 
 INIT_RATIO, MIN_RATIO, DECAY_PER_STEP, RETRACT_BUMP = 0.7, 0.1, 0.001, 0.1
 
@@ -26,8 +28,6 @@ class Headroom:
 
     def pages(self, req: Req, held: int | None = None) -> int:
         """Pages ``req`` is expected to need beyond the ``held`` it has (default: ``req.pages``)."""
-        if req.offload is not None:  # its KV lives on an attention executor
-            return 0
         future = min(req.params.max_new_tokens - len(req.output_ids), self.max_seq_len - req.seq_len)
         tokens = req.seq_len + math.ceil(max(future, 0) * self.ratio)
         held = len(req.pages) if held is None else held

@@ -30,7 +30,6 @@ PASSTHROUGH = {
     "mem_fraction_static": "mem_fraction_static",
     "max_running_requests": "max_running_requests",
     "max_prefill_tokens": "max_prefill_tokens",
-    "random_seed": "random_seed",
     "tokenizer_path": "tokenizer_path",
 }
 
@@ -77,6 +76,7 @@ def engine_config(sa: Any) -> EngineConfig:
         "attention_backend": ATTENTION_BACKENDS[sa.attention_backend],
         "enable_prefix_caching": not sa.disable_radix_cache,
         "cuda_graph": not getattr(sa, "disable_cuda_graph", False),
+        "enable_deterministic_inference": bool(getattr(sa, "enable_deterministic_inference", False)),
     }
     for src, dst in PASSTHROUGH.items():
         value = getattr(sa, src, None)
@@ -102,6 +102,7 @@ class AdrenalineArgs:
     executor_max_total_tokens: int | None = None
     executor_sm_percent: int | None = None
     offload_timeout: float = 10.0
+    max_parallel_samples: int = 16
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -158,12 +159,21 @@ class AdrenalineArgs:
             help="decode: seconds to wait for an executor's layer output before recomputing locally",
         )
 
+        group.add_argument(
+            "--max-parallel-samples",
+            type=int,
+            default=AdrenalineArgs.max_parallel_samples,
+            help="largest n (parallel samples) one request may ask for; above it: HTTP 400",
+        )
+
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> AdrenalineArgs:
         args = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
         for name in ("pd_timeout", "offload_timeout"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if args.max_parallel_samples < 1:
+            raise ValueError("--max-parallel-samples must be at least 1")
         if args.attention_offload_ratio < 0:
             raise ValueError("--attention-offload-ratio must be >= 0")
         if args.executor_sm_percent is not None and not 0 < args.executor_sm_percent <= 100:

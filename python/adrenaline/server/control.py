@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from sglang.srt.managers import io_struct as io
 
-from adrenaline.scheduler.request import Req
+from adrenaline.core.request import Req
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,6 @@ class ControlHandler:
         self.paused = False
         self.shutdown = False
         self.forward_sleep: float | None = None
-        self.weight_version: str | None = None
         self._pending_flush: tuple[Any, float] | None = None
 
     def handle(self, msg: Any) -> None:
@@ -253,7 +252,6 @@ class ControlHandler:
     def _on_UpdateWeightVersionReqInput(self, msg: io.UpdateWeightVersionReqInput) -> None:
         if msg.abort_all_requests:
             self._on_AbortReq(io.AbortReq(abort_all=True))
-        self.weight_version = msg.new_version
         self.reply(io.UpdateWeightVersionReqOutput(), msg)
 
     def _on_PauseGenerationReqInput(self, msg: io.PauseGenerationReqInput) -> None:

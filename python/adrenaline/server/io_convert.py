@@ -12,8 +12,9 @@ from typing import Any
 
 from sglang.srt.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateReqInput, wrap_as_pickle
 
-from adrenaline.sampling.params import SamplingParams
-from adrenaline.scheduler.request import Req, finish_abort
+from adrenaline.core.request import Bootstrap, Req, finish_abort
+from adrenaline.core.sampling_params import SamplingParams
+from adrenaline.server.validate import client_message
 
 # SGLang's INIT_INCREMENTAL_DETOKENIZATION_OFFSET: prompt ids the detokenizer gets as left context.
 DETOKENIZE_CONTEXT = 5
@@ -87,10 +88,6 @@ def req_from_tokenized(msg: TokenizedGenerateReqInput, context_len: int) -> Req:
             raise ValueError(f"{name} is not supported by this server")
     ids = list(msg.input_ids) if msg.input_ids is not None else []
     params = sampling_params_from_sglang(msg.sampling_params, len(ids), context_len)
-    extra = {
-        "http_worker_ipc": msg.http_worker_ipc,
-        "bootstrap": (msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room),
-    }
     return Req(
         rid=msg.rid,
         input_ids=ids,
@@ -99,7 +96,8 @@ def req_from_tokenized(msg: TokenizedGenerateReqInput, context_len: int) -> Req:
         logprob_start_len=msg.logprob_start_len if msg.return_logprob else -1,
         top_logprobs_num=msg.top_logprobs_num or 0,
         stream=bool(msg.stream),
-        extra=extra,
+        bootstrap=Bootstrap(msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room),
+        extra={"http_worker_ipc": msg.http_worker_ipc},
     )
 
 
@@ -109,6 +107,16 @@ def rejected_req(msg: Any, message: str, status_code: int = 400) -> Req:
     req.extra["http_worker_ipc"] = getattr(msg, "http_worker_ipc", None)
     req.finished_reason = finish_abort(message, status_code)
     return req
+
+
+def public_reason(reason: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A finish reason as the client gets it: abort messages without server paths."""
+    if reason is None:
+        return None
+    reason = dict(reason)
+    if isinstance(reason.get("message"), str):
+        reason["message"] = client_message(reason["message"])
+    return reason
 
 
 @dataclass
@@ -186,7 +194,7 @@ class OutputBatch:
         return BatchTokenIDOutput(
             rids=[r.rid for r in reqs],
             http_worker_ipcs=[r.extra.get("http_worker_ipc") for r in reqs],
-            finished_reasons=[dict(r.finished_reason) if r.finished_reason else None for r in reqs],
+            finished_reasons=[public_reason(r.finished_reason) for r in reqs],
             decoded_texts=["" for _ in reqs],
             decode_ids=cols["decode_ids"],
             read_offsets=cols["read_offsets"],

@@ -22,23 +22,15 @@ from sglang.srt.managers import io_struct as io
 from sglang.srt.utils.common import kill_itself_when_parent_died
 from sglang.srt.utils.network import get_zmq_socket
 
-from adrenaline.disaggregation.bootstrap import register_prefill
-from adrenaline.disaggregation.common import TransferManager
-from adrenaline.disaggregation.decode import DecodeTransfers
-from adrenaline.disaggregation.prefill import PrefillTransfers
-from adrenaline.kv_cache.pool import KVPool
+from adrenaline.core.request import Req, finish_abort
 from adrenaline.models.default_model import resolve_model_path
-from adrenaline.offload.client import OffloadClient
-from adrenaline.offload.policy import StaticRatioPolicy
-from adrenaline.offload.process import start_executor
 from adrenaline.runner.model_runner import ModelRunner
-from adrenaline.scheduler.request import Req, finish_abort
-from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.server.args import AdrenalineArgs, engine_config
 from adrenaline.server.control import ControlHandler
 from adrenaline.server.io_convert import OutputBatch, rejected_req, req_from_tokenized
+from adrenaline.server.roles import build_role
 from adrenaline.server.state import LoadPublisher, SchedulerState
-from adrenaline.transport import create_transport
+from adrenaline.server.validate import check_parallel_samples
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +50,9 @@ class SchedulerProcess:
                 self.config.tokenizer_path or model_path, trust_remote_code=server_args.trust_remote_code
             )
         self.runner = ModelRunner(self.config, model_path, show_progress=False)
-        load_s = time.perf_counter() - tic
-        self.scheduler = Scheduler(self.runner, self.config, tokenizer)
+        self.outputs = OutputBatch()
+        self.role = build_role(server_args, ours, self.runner, tokenizer, self._emit, self.config)
+        self.scheduler, self.pd = self.role.scheduler, self.role.pd
         self.context_len = self.runner.model_config.context_len
 
         ctx = zmq.Context(2)
@@ -76,8 +69,7 @@ class SchedulerProcess:
 
         weight_bytes = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
         self.startup_time = {
-            "load_weight": load_s,
-            "kv_cache_allocation": 0.0,
+            **self.runner.startup_s,
             "scheduler_e2e": time.perf_counter() - tic,
             "cuda_graph": {},
         }
@@ -91,14 +83,12 @@ class SchedulerProcess:
             "kv_cache_gb": self.runner.pool.nbytes() / 2**30,
             "scheduler_startup_time": self.startup_time,
         }
-        self.outputs = OutputBatch()
-        self.executor_proc = None
-        self.pd = self._pd_manager(server_args, ours)
+        self.max_parallel_samples = ours.max_parallel_samples
         self.poller = zmq.Poller()
         self.poller.register(self.recv, zmq.POLLIN)
         if self.pd is not None:
             self.poller.register(self.pd.transport.pollable, zmq.POLLIN)
-        self.state = SchedulerState(self.scheduler, info, self.pd)
+        self.state = SchedulerState(self.scheduler, info, self.pd, paused=lambda: self.control.paused)
         self.loads = LoadPublisher(port_args, self.state)
         self.metrics = None
         if server_args.enable_metrics:
@@ -114,48 +104,6 @@ class SchedulerProcess:
             internal_state=self.state.internal_state,
             model=self.runner.model,
         )
-
-    def _pd_manager(self, server_args: Any, ours: AdrenalineArgs) -> TransferManager | None:
-        """The KV transfer side of a PD role (None for a single instance)."""
-        mode = server_args.disaggregation_mode
-        if mode not in ("prefill", "decode"):
-            return None
-        transport_args = (ours.pd_transport, server_args.host, ours.pd_advertise_host)
-        transport = create_transport(*transport_args)
-        if mode == "decode":
-            policy = None
-            if ours.attention_offload_ratio > 0:
-                policy = StaticRatioPolicy(ours.attention_offload_ratio, ours.max_offloaded_requests)
-                self.scheduler.remote = OffloadClient(transport, ours.offload_timeout)
-            return DecodeTransfers(self.scheduler, transport, ours.pd_timeout, self._emit, policy)
-        executor = None
-        if ours.enable_attention_offload:
-            executor = self._start_executor(ours, transport_args)
-        register_prefill(
-            server_args.host,
-            server_args.disaggregation_bootstrap_port,
-            transport.address,
-            self.runner.page_size,
-            str(self.runner.dtype).removeprefix("torch."),
-            server_args.port,
-        )
-        return PrefillTransfers(self.scheduler, transport, ours.pd_timeout, self._emit, executor)
-
-    def _start_executor(self, ours: AdrenalineArgs, transport_args: tuple) -> tuple[str, KVPool]:
-        """The attention executor beside this prefill instance, over a pool shared with it."""
-        r, mc = self.runner, self.runner.model_config
-        tokens = ours.executor_max_total_tokens or r.max_total_tokens
-        pool = KVPool(mc, max(tokens // r.page_size, 1), r.page_size, r.dtype, r.device)
-        self.executor_proc, address = start_executor(
-            pool,
-            mc.num_heads,
-            mc.num_kv_heads,
-            self.config.attention_backend,
-            transport_args,
-            ours.executor_sm_percent,
-        )
-        logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)
-        return address, pool
 
     def init_info(self) -> dict[str, Any]:
         max_tokens = self.runner.max_total_tokens
@@ -202,6 +150,7 @@ class SchedulerProcess:
 
     def _add(self, msg: io.TokenizedGenerateReqInput) -> None:
         try:
+            check_parallel_samples(msg, self.max_parallel_samples)
             req: Req = req_from_tokenized(msg, self.context_len)
             (self.pd or self.scheduler).add_request(req)
         except ValueError as e:  # the client's mistake: HTTP 400 with the message
@@ -225,6 +174,7 @@ class SchedulerProcess:
                 break
             if self.pd is not None:
                 self.pd.tick()
+            s.placement.tick()
             if s.has_work and not control.paused:
                 if control.forward_sleep:
                     time.sleep(control.forward_sleep)
@@ -248,10 +198,7 @@ class SchedulerProcess:
 
     def close(self) -> None:
         self.loads.close()
-        if self.executor_proc is not None:
-            self.executor_proc.terminate()
-        if self.pd is not None:
-            self.pd.transport.close()
+        self.role.close()
         for sock in (self.recv, self.to_tokenizer, self.to_detokenizer):
             sock.close(linger=0)
         self.ctx.term()

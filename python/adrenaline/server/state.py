@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -59,9 +60,12 @@ class ThroughputMeter:
 class SchedulerState:
     """Reads live numbers off a ``Scheduler`` in the shapes SGLang's front end expects."""
 
-    def __init__(self, scheduler, info: dict[str, Any], pd=None) -> None:
+    def __init__(
+        self, scheduler, info: dict[str, Any], pd=None, paused: Callable[[], bool] = lambda: False
+    ) -> None:
         self.scheduler = scheduler
         self.pd = pd  # the PD role's TransferManager, if any
+        self.paused = paused  # whether the front end paused generation
         self.info = info  # static facts: model, dtype, device, startup time...
         self.throughput = ThroughputMeter()
 
@@ -101,8 +105,24 @@ class SchedulerState:
             "stats": asdict(s.stats),
             "effective_max_running_requests_per_dp": s.config.max_running_requests,
             "chunked_prefill_size": s.config.chunked_prefill_size,
-            "disaggregation": self.pd.info() if self.pd is not None else {"role": "null"},
+            "disaggregation": self._disaggregation(),
         }
+
+    def _disaggregation(self) -> dict[str, Any]:
+        info = self.pd.info() if self.pd is not None else {"role": "null"}
+        placement = self.scheduler.placement.info()
+        if placement is not None:
+            info["offload"] = placement
+        return info
+
+    def queued_tokens(self) -> tuple[int, int]:
+        """(tokens of waiting requests, of requests whose KV is still to come from a prefill
+        instance), as SGLang's ``num_total_tokens`` and ``num_active_tokens`` count them."""
+        s = self.scheduler
+        waiting = sum(r.seq_len for r in s.waiting)
+        awaiting = sum(r.seq_len for r in s.arriving)
+        awaiting += sum(r.seq_len for r in s.waiting if s.hooks.prefilled_elsewhere(r))
+        return waiting, awaiting
 
     def load_snapshot(self):
         from sglang.srt.managers.load_snapshot import LoadSnapshot, MemoryMetrics, QueueMetrics
@@ -110,6 +130,8 @@ class SchedulerState:
         s = self.scheduler
         kv = self.kv()
         waiting_tokens = sum(r.seq_len - r.num_computed for r in s.waiting)
+        queued, awaiting = self.queued_tokens()
+        total = kv["num_used_tokens"] + queued
         return LoadSnapshot(
             timestamp=time.time(),
             dp_rank=0,
@@ -117,8 +139,8 @@ class SchedulerState:
             num_waiting_reqs=len(s.waiting),
             num_waiting_uncached_tokens=waiting_tokens,
             num_used_tokens=kv["num_used_tokens"],
-            num_total_tokens=sum(r.seq_len for r in s.running),
-            num_active_tokens=sum(r.seq_len for r in s.running),
+            num_total_tokens=total,
+            num_active_tokens=max(0, total - awaiting),
             max_total_num_tokens=kv["max_total_num_tokens"],
             max_running_requests=s.config.max_running_requests,
             token_usage=kv["token_usage"],
@@ -132,7 +154,13 @@ class SchedulerState:
                 graph_gb=0.0,
                 token_capacity=kv["max_total_num_tokens"],
             ),
-            queues=QueueMetrics(waiting=len(s.waiting), grammar=0, paused=0, retracted=0, prealloc_ready=0),
+            queues=QueueMetrics(
+                waiting=len(s.waiting),
+                grammar=0,  # grammars compile at admission, in the loop: no queue waits for them
+                paused=len(s.running) if self.paused() else 0,
+                retracted=sum(r.retractions > 0 for r in s.waiting),
+                prealloc_ready=0,  # a decode request's pages are reserved as it is admitted
+            ),
         )
 
 

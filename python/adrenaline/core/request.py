@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from adrenaline.sampling.grammar import Grammar
-from adrenaline.sampling.params import SamplingParams
-from adrenaline.sampling.sampler import SampleRow
+from adrenaline.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # annotation only: grammars are compiled above, by the scheduler
+    from adrenaline.sampling.grammar import Grammar
 
 
 def finish_stop(matched: int | str) -> dict[str, Any]:
@@ -25,6 +26,14 @@ def finish_abort(message: str, status_code: int = 500) -> dict[str, Any]:
     return {"type": "abort", "message": message, "status_code": status_code}
 
 
+class Bootstrap(NamedTuple):
+    """SGLang's PD routing fields, as the front end received them (None: not set)."""
+
+    host: str | None = None
+    port: int | None = None
+    room: int | None = None
+
+
 @dataclass
 class Req:
     rid: str
@@ -34,6 +43,7 @@ class Req:
     logprob_start_len: int = -1  # first prompt position to return logprobs for; -1: none
     top_logprobs_num: int = 0
     stream: bool = False
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
     extra: dict[str, Any] = field(default_factory=dict)  # front-end fields carried through
 
     # ---- state owned by the scheduler ----
@@ -45,7 +55,6 @@ class Req:
     grammar: Grammar | None = None
     finished_reason: dict[str, Any] | None = None
     retractions: int = 0
-    offload: str | None = None  # address of the attention executor holding this request's KV
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     # logprobs, filled as computed
@@ -80,15 +89,3 @@ class Req:
         lo = max(start, self.logprob_start_len - 1 + len(self.input_logprobs), 0)  # skip recorded ones
         hi = min(end, len(self.input_ids) - 1)
         return list(range(lo, hi))
-
-    def sample_row(self, eos_blocked: bool) -> SampleRow:
-        return SampleRow(
-            params=self.params,
-            prompt_ids=self.input_ids,
-            output_ids=self.output_ids,
-            generator=self.generator,
-            grammar=self.grammar,
-            block_eos=eos_blocked,
-            top_logprobs_num=self.top_logprobs_num if self.return_logprob else 0,
-            want_logprob=self.return_logprob,
-        )

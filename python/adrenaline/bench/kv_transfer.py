@@ -1,0 +1,119 @@
+"""KV transfer time per request: today's PD path (ZeroMQ/TCP) against one-sided Mooncake writes.
+
+    python -m adrenaline.bench.kv_transfer --tokens 1024 8192 --reps 10
+    python -m adrenaline.bench.kv_transfer --tokens 64 --reps 2 --layers 2   # a quick check
+
+Two KV pools in the default model's layout (30 layers, 3 KV heads, head dim 64, bf16, 16-token
+pages), without the servers. Per request, the prompt's pages go from one pool into scattered pages
+of the other, as the PD planes move them:
+
+- ``zmq``: what ``disaggregation/`` does over ``--pd-transport tcp``: ``gather_pages`` into one
+  tensor, a ``kv_pages`` message over ``ZmqTransport``, ``scatter_pages`` on arrival;
+- ``mooncake``: ``MooncakeKVPlane.write_pages`` (runs of pages coalesced, batched writes, a
+  completion notice with the room), timed until the receiver sees the room.
+
+Both ends live in this process (each plane moves the bytes on its own threads). The paths are
+interleaved per repetition, after one uncounted warm-up round, so drift in the machine's load
+hits both alike. Prints median and mean milliseconds per request and the effective GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from adrenaline.disaggregation.common import KV_PAGES, gather_pages, scatter_pages
+from adrenaline.kv_cache.pool import KVPool
+from adrenaline.transport.mooncake_engine import MooncakeEngine
+from adrenaline.transport.mooncake_kv import MooncakeKVPlane
+from adrenaline.transport.zmq_transport import ZmqTransport
+
+Transfer = Callable[[list[int], list[int], int], None]  # (src pages, dst pages, room)
+
+
+def make_pool(args: argparse.Namespace, pages: int, fill: bool) -> KVPool:
+    shape = (pages, args.page_size, args.kv_heads, args.head_dim)
+    dtype = getattr(torch, args.dtype)
+
+    def tensor() -> torch.Tensor:
+        return torch.randn(shape).to(dtype) if fill else torch.zeros(shape, dtype=dtype)
+
+    return KVPool.from_tensors([tensor() for _ in range(args.layers)], [tensor() for _ in range(args.layers)])
+
+
+def zmq_path(src: KVPool, dst: KVPool) -> Transfer:
+    sender, receiver = ZmqTransport(), ZmqTransport()
+
+    def transfer(src_pages: list[int], dst_pages: list[int], room: int) -> None:
+        sender.send(receiver.address, KV_PAGES, {"room": room, "first": 0}, [gather_pages(src, src_pages)])
+        msg = receiver.recv(lambda m: m.kind == KV_PAGES and m.meta["room"] == room, timeout_s=60)
+        scatter_pages(dst, dst_pages, msg.tensors[0])
+
+    return transfer
+
+
+def mooncake_path(src: KVPool, dst: KVPool, protocol: str, device: str) -> Transfer:
+    sender = MooncakeKVPlane(src, MooncakeEngine("127.0.0.1", protocol, device, timeout_s=60))
+    receiver = MooncakeKVPlane(dst, MooncakeEngine("127.0.0.1", protocol, device, timeout_s=60))
+    session = sender.connect(receiver.descriptor())
+
+    def transfer(src_pages: list[int], dst_pages: list[int], room: int) -> None:
+        sender.write_pages(session, src_pages, dst_pages, room=room)
+        while room not in receiver.done_rooms():
+            time.sleep(0.0001)
+
+    return transfer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192], help="prompt lengths")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--protocol", default="tcp", help="Mooncake protocol: tcp, rdma, nvlink")
+    ap.add_argument("--mooncake-device", default="", help="RDMA device(s), e.g. mlx5_0")
+    args = ap.parse_args()
+
+    need = max(-(-t // args.page_size) for t in args.tokens)
+    src, dst = make_pool(args, need, fill=True), make_pool(args, need, fill=False)
+    paths = {
+        "zmq": zmq_path(src, dst),
+        "mooncake": mooncake_path(src, dst, args.protocol, args.mooncake_device),
+    }
+    times: dict[tuple[str, int], list[float]] = {(p, t): [] for p in paths for t in args.tokens}
+    rng = random.Random(0)
+    room = 0
+    for rep in range(args.reps + 1):  # the first round connects and warms up: not counted
+        for tokens in args.tokens:
+            n = -(-tokens // args.page_size)
+            dst_pages = rng.sample(range(need), n)  # a decode pool's free pages are scattered
+            for name, transfer in paths.items():
+                room += 1
+                start = time.perf_counter()
+                transfer(list(range(n)), dst_pages, room)
+                if rep:
+                    times[name, tokens].append(time.perf_counter() - start)
+                for a, b in zip(src.k + src.v, dst.k + dst.v):  # both paths must deliver the pages
+                    assert torch.equal(b[dst_pages].view(torch.uint8), a[:n].view(torch.uint8)), name
+                    b.zero_()
+
+    page_bytes = src.k[0][0].numel() * src.k[0].element_size() * 2 * args.layers
+    print(f"KV layout: {args.layers} layers x {args.kv_heads} kv heads x {args.head_dim} dim, {args.dtype}")
+    print(f"{'tokens':>7} {'path':>9} {'MB':>8} {'median ms':>10} {'mean ms':>9} {'GB/s':>6}")
+    for (name, tokens), ts in sorted(times.items(), key=lambda kv: kv[0][1]):
+        mb = -(-tokens // args.page_size) * page_bytes / 1e6
+        med, mean = statistics.median(ts) * 1e3, statistics.mean(ts) * 1e3
+        print(f"{tokens:>7} {name:>9} {mb:>8.1f} {med:>10.2f} {mean:>9.2f} {mb / med:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The offload profile: measured cost curves of one model+dtype on one machine, and their lookup.
+
+Pure stdlib, so the load-aware policy and the capacity-planner simulator read it without torch.
+``python -m adrenaline.profile`` writes it; ``load_profile(path)`` reads it back.
+
+JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per second)::
+
+    {
+      "version": 1,
+      "model": "SmolLM2-135M", "dtype": "float32", "device": "cpu",
+      "machine": "Intel(R) Xeon(R) ... x2",        # CPU model x usable cores (the cache key's part)
+      "num_layers": 30,
+      "executor_threads": 1, "prefill_threads": 1,  # the share the executor curves were timed at
+      "decode_dense":       {"x": [batch...],  "y": [ms per decode step, all layers, no attention]},
+      "local_attention":    {"batch": [...], "context": [...], "ms": [[...] per batch]},
+      "executor_attention": {"batch": [...], "context": [...], "ms": [[...] per batch]},
+      "executor_threads_scaling": {"x": [threads...], "y": [ms of one reference attention]},
+      "exchange":           {"x": [rows...],   "y": [ms per layer round trip, one KV page per row]},
+      "prefill_interference": {"x": [cores held by executor load], "y": [prefill tokens/s, rest]},
+      "created": "2026-11-29T18:00:00Z"
+    }
+
+``local_attention`` (at all usable cores, as the decode side runs) and ``executor_attention`` (at
+``executor_threads``) are per layer, on a (batch, total context) grid:
+``context`` is the sum of the batch's KV lengths, ``ms[i][j]`` the time at ``batch[i]`` and
+``context[j]``. A decode step of ``b`` local requests with total context ``c`` thus costs about
+``decode_dense(b) + num_layers * local_attention(b, c)``.
+
+Times are the fastest of a few runs, made non-decreasing along each axis by the profiler (more
+work never costs less; a noisy dip would mislead the policy). ``executor_threads_scaling`` and
+``prefill_interference`` are stored as measured: the prefill runs on the cores the executor-like
+load leaves (x = 0: all of them).
+
+Lookups interpolate linearly and extrapolate the end segments linearly (never below zero), so a
+load beyond the profiled range is priced at the trend of the measured points, not clamped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+VERSION = 1
+
+
+def _lerp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys) with linear extrapolation at both ends; xs ascending."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass
+class Curve:
+    """y as a function of one variable, measured at ascending x."""
+
+    x: list[float]
+    y: list[float]
+
+    def __post_init__(self) -> None:
+        if not self.x or len(self.x) != len(self.y):
+            raise ValueError("a curve needs as many y as x, at least one")
+        if any(a >= b for a, b in zip(self.x, self.x[1:])):
+            raise ValueError(f"curve x must ascend strictly: {self.x}")
+
+    def at(self, x: float) -> float:
+        return _lerp(self.x, self.y, x)
+
+
+@dataclass
+class Grid:
+    """Milliseconds as a function of (batch, total context), measured on a rectangular grid."""
+
+    batch: list[float]
+    context: list[float]
+    ms: list[list[float]]  # ms[i][j] at batch[i], context[j]
+
+    def __post_init__(self) -> None:
+        Curve(self.batch, self.batch), Curve(self.context, self.context)  # both axes ascend
+        if len(self.ms) != len(self.batch) or any(len(r) != len(self.context) for r in self.ms):
+            raise ValueError("grid ms must be len(batch) rows of len(context) values")
+
+    def at(self, batch: float, context: float) -> float:
+        """Bilinear: along context in each row, then along batch."""
+        if batch <= 0:
+            return 0.0
+        return _lerp(self.batch, [_lerp(self.context, row, context) for row in self.ms], batch)
+
+
+@dataclass
+class Profile:
+    model: str
+    dtype: str
+    device: str
+    machine: str
+    num_layers: int
+    executor_threads: int
+    prefill_threads: int
+    decode_dense: Curve
+    local_attention: Grid
+    executor_attention: Grid
+    executor_threads_scaling: Curve
+    exchange: Curve
+    prefill_interference: Curve
+    created: str = ""
+    version: int = field(default=VERSION)
+
+    # ---- the quantities the policy and the simulator ask for -----------------------------------
+    def dense_ms(self, batch: int) -> float:
+        """One decode step's non-attention work (all layers, sampling included)."""
+        return self.decode_dense.at(batch) if batch > 0 else 0.0
+
+    def local_attention_ms(self, batch: int, context: int) -> float:
+        """One layer's attention over ``batch`` local requests with ``context`` KV tokens in all."""
+        return self.local_attention.at(batch, context)
+
+    def executor_attention_ms(self, batch: int, context: int, threads: int | None = None) -> float:
+        """One layer's attention on the executor; ``threads`` rescales from the profiled share."""
+        ms = self.executor_attention.at(batch, context)
+        if threads is None or threads == self.executor_threads or batch <= 0:
+            return ms
+        s = self.executor_threads_scaling
+        return ms * s.at(threads) / s.at(self.executor_threads)
+
+    def exchange_ms(self, rows: int) -> float:
+        """One layer's q|k|v out and output back for ``rows`` offloaded requests (0 rows: nothing)."""
+        return self.exchange.at(rows) if rows > 0 else 0.0
+
+    def prefill_tokens_per_s(self, busy_executor_threads: float) -> float:
+        return self.prefill_interference.at(busy_executor_threads)
+
+    def step_ms(
+        self, local_batch: int, local_context: int, offloaded_batch: int = 0, remote_ms: float = 0.0
+    ) -> float:
+        """A decode step's time (what TPOT sees). ``remote_ms``: the offloaded group's executor
+        attention plus exchange per layer; it overlaps the local attention, so a layer takes the
+        longer of the two. The dense part runs for local and offloaded requests alike."""
+        per_layer = max(self.local_attention_ms(local_batch, local_context), remote_ms)
+        return self.dense_ms(local_batch + offloaded_batch) + self.num_layers * per_layer
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        if d.get("version") != VERSION:
+            raise ValueError(f"profile version {d.get('version')} is not {VERSION}; re-run the profiler")
+        curves = {k: Curve(**d[k]) for k in _CURVES}
+        grids = {k: Grid(**d[k]) for k in _GRIDS}
+        rest = {k: v for k, v in d.items() if k not in _CURVES and k not in _GRIDS}
+        return cls(**rest, **curves, **grids)
+
+
+_CURVES = ("decode_dense", "executor_threads_scaling", "exchange", "prefill_interference")
+_GRIDS = ("local_attention", "executor_attention")
+
+
+def load_profile(path: str | Path) -> Profile:
+    return Profile.from_dict(json.loads(Path(path).read_text()))
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profile.to_json())

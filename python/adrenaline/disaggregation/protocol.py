@@ -1,0 +1,64 @@
+"""Messages of the PD KV handshake (one version), between a decode and a prefill instance.
+
+decode -> prefill: ``KVRequest`` (the pages to fill, or offload; carries the version and the KV
+layout), ``KVAck`` once the KV is in, ``KVAlive`` while queued for room. prefill -> decode:
+``KVPages`` (with the packed pages), ``KVDone`` (the first token), ``KVAlive`` while prefilling.
+Either way: ``KVCancel``.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from adrenaline.transport.protocol import Protocol
+
+PD_VERSION = 1
+
+
+class KVLayout(Struct, frozen=True):
+    """What must agree between the two pools for pages to be copied as they are."""
+
+    num_layers: int
+    page_size: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+class KVRequest(Struct):
+    version: int
+    room: int
+    rid: str
+    pages: list[int]
+    layout: KVLayout
+    offload: bool = False  # keep the KV in the prefill side's attention executor
+
+
+class KVPages(Struct):  # + one tensor: [layers, 2, n, page, kv_heads, head_dim]
+    room: int
+    first: int  # index of the first page in the decode side's list
+
+
+class KVDone(Struct):
+    room: int
+    token: int
+    logprob: float | None = None
+    top: list[tuple[float, int]] | None = None
+    executor: str | None = None  # the attention executor holding an offloaded request's KV
+
+
+class KVAck(Struct):
+    room: int
+
+
+class KVAlive(Struct):
+    room: int
+
+
+class KVCancel(Struct):
+    room: int
+    message: str
+    retry_local: bool = False  # offloading refused: the decode side may take the KV itself
+
+
+PD = Protocol("PD", PD_VERSION, [KVRequest, KVPages, KVDone, KVAck, KVAlive, KVCancel])

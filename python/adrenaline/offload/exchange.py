@@ -1,0 +1,107 @@
+"""The per-layer attention exchange, decode side: the data path between a decode instance and
+its attention executors, apart from the control (which requests, policy, failures).
+
+``AttentionExchange`` is the interface: begin a step with its metadata, submit a layer's packed
+q|k|v, wait for a group's output, queue frees, close. ``TransportExchange`` runs it over a
+``Transport`` (ZeroMQ host memory, or NCCL); a faster one plugs in beside it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from adrenaline.attention.base import RemoteAttentionError
+from adrenaline.offload.protocol import (
+    OFFLOAD,
+    OFFLOAD_VERSION,
+    AttnError,
+    AttnFree,
+    AttnOut,
+    AttnQKV,
+    AttnStep,
+)
+from adrenaline.transport.base import Message, Transport, TransportError
+
+
+@dataclass
+class Group:
+    """The rows of one step's offloaded group that one executor computes."""
+
+    executor: str
+    start: int  # first row (one row per request: decode tokens)
+    rooms: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+
+
+class AttentionExchange(ABC):
+    def __init__(self) -> None:
+        self.executor_pages: dict[str, tuple[int, int]] = {}  # executor -> last (used, total) pages
+
+    @abstractmethod
+    def begin(self, step: int, groups: Sequence[Group], frees: dict[str, list[int]]) -> None:
+        """Announce a step to each group's executor, with the rooms freed since the last one."""
+
+    @abstractmethod
+    def submit(self, step: int, layer: int, groups: Sequence[Group], qkv: torch.Tensor) -> None:
+        """Ship each group's rows of the packed [rows, H + 2 Hkv, D] q|k|v; must not block."""
+
+    @abstractmethod
+    def wait(self, step: int, layer: int, group: Group, timeout_s: float) -> torch.Tensor:
+        """The group's [rows, H, D] output; ``RemoteAttentionError`` when it cannot be had."""
+
+    @abstractmethod
+    def free(self, executor: str, rooms: list[int]) -> None:
+        """Release rooms outside a step."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the data path holds."""
+
+
+class TransportExchange(AttentionExchange):
+    def __init__(self, transport: Transport) -> None:
+        super().__init__()
+        self.transport = transport
+
+    def _send(self, executor: str, msg, tensors: tuple = ()) -> None:
+        try:
+            OFFLOAD.send(self.transport, executor, msg, tensors)
+        except TransportError:
+            pass  # the answer's timeout reports it
+
+    def begin(self, step: int, groups: Sequence[Group], frees: dict[str, list[int]]) -> None:
+        for g in groups:
+            msg = AttnStep(OFFLOAD_VERSION, step, g.rooms, g.seq_lens, frees.pop(g.executor, []))
+            self._send(g.executor, msg)
+
+    def submit(self, step: int, layer: int, groups: Sequence[Group], qkv: torch.Tensor) -> None:
+        for g in groups:
+            self._send(g.executor, AttnQKV(step, layer), (qkv[g.start : g.start + len(g.rooms)],))
+
+    def wait(self, step: int, layer: int, group: Group, timeout_s: float) -> torch.Tensor:
+        def match(m: Message) -> bool:
+            if m.peer != group.executor or m.kind not in (AttnOut.__name__, AttnError.__name__):
+                return False
+            return m.meta.get("step") == step and m.meta.get("layer") == layer
+
+        try:
+            msg = self.transport.recv(match, timeout_s)
+        except TransportError as e:
+            raise RemoteAttentionError(
+                f"attention executor {group.executor} did not answer layer {layer}: {e}"
+            ) from e
+        answer = OFFLOAD.parse(msg)
+        if isinstance(answer, AttnError):
+            raise RemoteAttentionError(f"attention executor {group.executor}: {answer.message}")
+        self.executor_pages[group.executor] = (answer.used_pages, answer.num_pages)
+        return msg.tensors[0]
+
+    def free(self, executor: str, rooms: list[int]) -> None:
+        self._send(executor, AttnFree(rooms))
+
+    def close(self) -> None:
+        """Nothing: the transport is the PD role's, closed with it."""

@@ -1,0 +1,123 @@
+"""Measure every curve of the profile, with a progress bar; or reuse the cached one.
+
+The points are few and chosen where the policy asks (decode batches up to 128, attention up to 16k
+KV tokens a layer), so the whole run stays within ~2 minutes on a 2-core machine; ``quick``
+measures two points per axis, for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adrenaline.core.profile import Curve, Grid, Profile, load_profile, save_profile
+from adrenaline.profile.cache import default_profile_path, machine
+from adrenaline.profile.exchange import ExchangeRig
+from adrenaline.profile.interference import prefill_under_load
+from adrenaline.profile.measure import Rig
+
+
+def rising(ys: list[float]) -> list[float]:
+    """Running maximum: more work never costs less. On a shared machine a noisy point can dip
+    below its neighbour; a policy priced on the dip would offload into it."""
+    out: list[float] = []
+    for y in ys:
+        out.append(max(y, out[-1]) if out else y)
+    return out
+
+
+def rising_grid(ms: list[list[float]]) -> list[list[float]]:
+    """``rising`` along context in each row, then along batch in each column."""
+    rows = [rising(r) for r in ms]
+    cols = [rising(list(c)) for c in zip(*rows)]
+    return [list(r) for r in zip(*cols)]
+
+
+@dataclass
+class Plan:
+    dense_batches: list[int]
+    attn_batches: list[int]
+    contexts: list[int]
+    exchange_rows: list[int]
+    prefill_tokens: int
+    reps: int
+
+    @classmethod
+    def of(cls, quick: bool) -> Plan:
+        if quick:
+            return cls([1, 4], [1, 4], [64, 256], [1, 4], 32, 2)
+        return cls(
+            [1, 2, 4, 8, 16, 32, 64, 128], [1, 4, 16, 64], [256, 1024, 4096, 16384], [1, 4, 16, 64], 256, 3
+        )
+
+
+def run_profile(
+    model_path: str, dtype: str = "auto", executor_threads: int = 1, quick: bool = False
+) -> Profile:
+    plan = Plan.of(quick)
+    cores = sorted(os.sched_getaffinity(0))
+    executor_threads = min(executor_threads, len(cores))
+    rig = Rig(model_path, dtype, max(plan.attn_batches), max(plan.contexts))
+    mc, grid_points = rig.mc, len(plan.attn_batches) * len(plan.contexts)
+    total = len(plan.dense_batches) + 2 * grid_points + len(cores) + len(plan.exchange_rows) + len(cores)
+    bar = tqdm(total=total, desc="profiling", unit="point")
+
+    def measure(fn, *args) -> float:
+        value = fn(*args)
+        bar.update(1)
+        return value
+
+    def grid(threads: int) -> Grid:
+        ms = [
+            [measure(rig.attention_ms, b, c, threads, plan.reps) for c in plan.contexts]
+            for b in plan.attn_batches
+        ]
+        return Grid(plan.attn_batches, plan.contexts, rising_grid(ms))
+
+    dense = [measure(rig.dense_ms, b, plan.reps) for b in plan.dense_batches]
+    local, executor = grid(len(cores)), grid(executor_threads)
+    ref = plan.attn_batches[len(plan.attn_batches) // 2], plan.contexts[len(plan.contexts) // 2]
+    threads = list(range(1, len(cores) + 1))
+    scaling = [measure(rig.attention_ms, *ref, t, plan.reps) for t in threads]
+    exchange = ExchangeRig(mc, rig.dtype, max(plan.exchange_rows))
+    try:
+        trips = [measure(exchange.round_trip_ms, r, plan.reps) for r in plan.exchange_rows]
+    finally:
+        exchange.close()
+    heads = (mc.num_heads, mc.num_kv_heads, mc.head_dim)
+    busy, prefill = prefill_under_load(
+        lambda: measure(rig.prefill_tokens_per_s, plan.prefill_tokens, plan.reps), heads, rig.dtype, cores
+    )
+    bar.close()
+    device = "cpu" if rig.device.type == "cpu" else torch.cuda.get_device_name(rig.device)
+    return Profile(
+        model=Path(model_path.rstrip("/")).name,
+        dtype=str(rig.dtype).removeprefix("torch."),
+        device=rig.device.type,
+        machine=machine(device),
+        num_layers=mc.num_layers,
+        executor_threads=executor_threads,
+        prefill_threads=max(1, len(cores) - executor_threads),
+        decode_dense=Curve(plan.dense_batches, rising(dense)),
+        local_attention=local,
+        executor_attention=executor,
+        executor_threads_scaling=Curve(threads, scaling),
+        exchange=Curve(plan.exchange_rows, rising(trips)),
+        prefill_interference=Curve(busy, prefill),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
+def ensure_profile(model_path: str, dtype: str, device_name: str = "cpu", path: str | None = None) -> Profile:
+    """The given or cached profile, measuring (and caching) it first when there is none."""
+    target = Path(path) if path else default_profile_path(model_path, dtype, device_name)
+    if target.exists():
+        return load_profile(target)
+    profile = run_profile(model_path, dtype)
+    save_profile(profile, target)
+    return profile

@@ -1,0 +1,87 @@
+"""The role a scheduler process plays, wired once: a single instance; a PD prefill side, maybe
+hosting an attention executor; or a PD decode side, maybe offloading attention to executors.
+
+It builds the scheduler with its ``Placement`` (an ``OffloadManager`` on an offloading decode
+instance) and the PD role's manager, which plugs into the scheduler's hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from adrenaline.disaggregation.bootstrap import register_prefill
+from adrenaline.disaggregation.common import TransferManager
+from adrenaline.disaggregation.decode import DecodeTransfers
+from adrenaline.disaggregation.prefill import PrefillTransfers
+from adrenaline.kv_cache.pool import KVPool
+from adrenaline.offload.exchange import TransportExchange
+from adrenaline.offload.link import ExecutorLink
+from adrenaline.offload.manager import OffloadManager
+from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.offload.process import start_executor
+from adrenaline.runner.model_runner import ModelRunner
+from adrenaline.scheduler.scheduler import Scheduler
+from adrenaline.server.args import AdrenalineArgs
+from adrenaline.transport import Transport, create_transport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Role:
+    scheduler: Scheduler
+    pd: TransferManager | None = None
+    executor_proc: Any = None  # the attention executor this prefill instance started
+
+    def close(self) -> None:
+        if self.executor_proc is not None:
+            self.executor_proc.terminate()
+        if self.pd is not None:
+            self.pd.transport.close()
+
+
+def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, tokenizer, emit, config) -> Role:
+    """``emit(req)`` reports a request the PD role finished or advanced outside a step."""
+    mode = server_args.disaggregation_mode
+    if mode not in ("prefill", "decode"):
+        return Role(Scheduler(runner, config, tokenizer))
+    transport_args = (ours.pd_transport, server_args.host, ours.pd_advertise_host)
+    transport = create_transport(*transport_args)
+    if mode == "decode":
+        placement = None
+        if ours.attention_offload_ratio > 0:
+            policy = StaticRatioPolicy(ours.attention_offload_ratio, ours.max_offloaded_requests)
+            placement = OffloadManager(policy, TransportExchange(transport), ours.offload_timeout)
+        scheduler = Scheduler(runner, config, tokenizer, placement)
+        return Role(scheduler, DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit))
+    scheduler = Scheduler(runner, config, tokenizer)
+    role = Role(scheduler)
+    executor = None
+    if ours.enable_attention_offload:
+        executor, role.executor_proc = _start_executor(ours, runner, config, transport, transport_args)
+    register_prefill(
+        server_args.host,
+        server_args.disaggregation_bootstrap_port,
+        transport.address,
+        runner.page_size,
+        str(runner.dtype).removeprefix("torch."),
+        server_args.port,
+    )
+    role.pd = PrefillTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, executor=executor)
+    return role
+
+
+def _start_executor(
+    ours: AdrenalineArgs, runner: ModelRunner, config, transport: Transport, transport_args: tuple
+) -> tuple[ExecutorLink, Any]:
+    """The attention executor beside this prefill instance, over a pool shared with it."""
+    mc = runner.model_config
+    tokens = ours.executor_max_total_tokens or runner.max_total_tokens
+    pool = KVPool(mc, max(tokens // runner.page_size, 1), runner.page_size, runner.dtype, runner.device)
+    proc, address = start_executor(
+        pool, mc.num_heads, mc.num_kv_heads, config.attention_backend, transport_args, ours.executor_sm_percent
+    )
+    logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)
+    return ExecutorLink(transport, address, runner.pool, pool), proc

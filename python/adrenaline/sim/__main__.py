@@ -1,0 +1,3 @@
+from adrenaline.sim.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""The cost model from a measured profile, and a profile computed from the analytic model.
+
+``ProfileCost`` answers ``CostModel`` from ``python -m adrenaline.profile``'s curves (this
+machine, measured). The profile has neither memory sizes nor a PD transfer curve: pools come from
+the deployment's flags, the transfer from a stated bandwidth. ``profile_of`` goes the other way:
+it tabulates an analytic model as a ``Profile``, so the runtime's load-aware policy, which reads
+profiles, decides on simulated hardware exactly as it would on measured curves.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from adrenaline.core.profile import Curve, Grid, Profile
+from adrenaline.sim.cost import AnalyticCost
+from adrenaline.sim.model import ModelSpec
+
+
+class ProfileCost:
+    def __init__(
+        self,
+        profile: Profile,
+        model: ModelSpec,
+        kv_tokens: int,
+        transfer_bw: float = 1e9,  # bytes/s: PD KV transfer, not in the profile (loopback-TCP-class)
+        transfer_latency: float = 200e-6,
+    ) -> None:
+        self.profile, self.model, self.kv_tokens = profile, model, kv_tokens
+        self.transfer_bw, self.transfer_latency = transfer_bw, transfer_latency
+
+    def prefill_time(self, tokens: int, attn_pairs: float, exec_share: float = 0.0) -> float:
+        held = self.profile.executor_threads if exec_share > 0 else 0
+        return tokens / self.profile.prefill_tokens_per_s(held)
+
+    def dense_time(self, rows: int) -> float:
+        return self.profile.dense_ms(rows) / 1e3
+
+    def attention_time(self, rows: int, context: int) -> float:
+        return self.profile.num_layers * self.profile.local_attention_ms(rows, context) / 1e3
+
+    def executor_time(self, rows: int, context: int, share: float) -> float:
+        return self.profile.num_layers * self.profile.executor_attention_ms(rows, context) / 1e3
+
+    def exchange_time(self, rows: int) -> float:
+        return self.profile.num_layers * self.profile.exchange_ms(rows) / 1e3
+
+    def kv_transfer_time(self, tokens: int) -> float:
+        return tokens * self.model.kv_bytes_per_token / self.transfer_bw + self.transfer_latency
+
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_tokens
+
+
+def profile_of(cost: AnalyticCost, share: float, max_batch: int = 1024, max_ctx: int = 1 << 22) -> Profile:
+    """The analytic model at executor SM ``share``, tabulated on a grid wide enough to interpolate
+    (the analytic curves are linear in context and piecewise linear in batch)."""
+    layers = cost.model.layers
+    batches = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, max_batch]
+    contexts = [1, 1024, 16384, 262144, max_ctx]
+
+    def grid(fn) -> Grid:
+        return Grid(batches, contexts, [[fn(b, c) * 1e3 / layers for c in contexts] for b in batches])
+
+    exchange = [(cost.exchange_time(b) - cost.gpu.link_latency) * 1e3 / layers for b in batches]
+    prefill_rate = [4096 / cost.prefill_time(4096, 4096 * 2048, s) for s in (0.0, share)]
+    return Profile(
+        model=cost.model.name,
+        dtype="bfloat16",
+        device=cost.gpu.name,
+        machine=f"analytic {cost.gpu.name} x{cost.tp}",
+        num_layers=layers,
+        executor_threads=1,  # "1" stands for the executor's SM share; 0 for none
+        prefill_threads=1,
+        decode_dense=Curve(batches, [cost.dense_time(b) * 1e3 for b in batches]),
+        local_attention=grid(cost.attention_time),
+        executor_attention=grid(lambda b, c: cost.executor_time(b, c, share)),
+        executor_threads_scaling=Curve([1], [1.0]),
+        exchange=Curve(batches, exchange),
+        prefill_interference=Curve([0, 1], prefill_rate),
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )

@@ -1,0 +1,137 @@
+"""A PD pair (and an attention executor) in one process over an in-memory network, driven like the
+scheduler process's loop: the harness of the PD and offload state-machine tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from adrenaline import Engine
+from adrenaline.core.request import Bootstrap, Req, finish_abort
+from adrenaline.core.sampling_params import SamplingParams
+from adrenaline.disaggregation.decode import DecodeTransfers
+from adrenaline.disaggregation.prefill import PrefillTransfers
+from adrenaline.kv_cache.pool import KVPool
+from adrenaline.offload.exchange import TransportExchange
+from adrenaline.offload.executor import AttentionExecutor
+from adrenaline.offload.link import ExecutorLink
+from adrenaline.offload.manager import OffloadManager
+from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.scheduler.scheduler import Scheduler
+from adrenaline.transport.memory import MemoryNetwork
+
+PAGE = 4
+BOOT = ("prefill-host", 8998)
+ENGINE_ARGS = dict(dtype="float32", page_size=PAGE, skip_tokenizer_init=True, max_total_tokens=512)
+
+
+def params(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+
+
+class Cluster:
+    def __init__(
+        self,
+        model: str,
+        offload_ratio: float = 0.0,
+        executor_pages: int = 128,
+        pd_timeout: float = 60.0,
+        offload_timeout: float = 60.0,
+    ) -> None:
+        self.net = MemoryNetwork()
+        self.emitted: dict[str, list[Req]] = {"prefill": [], "decode": []}
+        pe, de = Engine(model, **ENGINE_ARGS), Engine(model, **ENGINE_ARGS)
+        self.p_sched = pe.scheduler
+        pt, dt = self.net.endpoint(), self.net.endpoint()
+        self.executor, link = None, None
+        if offload_ratio > 0:
+            mc = pe.runner.model_config
+            shared = KVPool(mc, executor_pages, PAGE, torch.float32, "cpu")
+            self.executor = AttentionExecutor(
+                shared, self.net.endpoint(), mc.num_heads, mc.num_kv_heads, "torch"
+            )
+            self._serving = threading.Event()
+            self._serving.set()
+            self._thread = threading.Thread(
+                target=self.executor.serve, args=(self._serving.is_set,), daemon=True
+            )
+            self._thread.start()
+            link = ExecutorLink(pt, self.executor.transport.address, pe.runner.pool, shared)
+        self.prefill = PrefillTransfers(
+            self.p_sched, pe.runner.pool, pt, pd_timeout, self.emitted["prefill"].append, executor=link
+        )
+        placement = None
+        if offload_ratio > 0:
+            placement = OffloadManager(
+                StaticRatioPolicy(offload_ratio), TransportExchange(dt), offload_timeout
+            )
+        self.d_sched = Scheduler(de.runner, de.config, None, placement)
+        self.decode = DecodeTransfers(
+            self.d_sched, de.runner.pool, dt, pd_timeout, self.emitted["decode"].append
+        )
+        self.decode.addresses[BOOT] = pt.address  # what the bootstrap server would answer
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add(self, rid: str, ids: list[int], n: int, room: int, side: str = "both") -> tuple[Req, Req]:
+        boot = Bootstrap(*BOOT, room)
+        p = Req(rid, list(ids), params(n), bootstrap=boot)
+        d = Req(rid, list(ids), params(n), bootstrap=boot)
+        if side in ("both", "decode"):
+            self.decode.add_request(d)
+        if side in ("both", "prefill"):
+            self.prefill.add_request(p)
+        return p, d
+
+    def abort(self, side: str, rid: str) -> None:
+        """As the control handler does: the PD role first, then the scheduler."""
+        pd, sched = (self.prefill, self.p_sched) if side == "prefill" else (self.decode, self.d_sched)
+        reason = finish_abort("aborted by request", 400)
+        for holder in (pd, sched):
+            self.emitted[side] += holder.abort(rid, reason)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def iterate(self, decode: bool = True) -> None:
+        self.prefill.tick()
+        if self.p_sched.has_work:
+            self.emitted["prefill"] += self.prefill.after_step(self.p_sched.step())
+        if decode:
+            self.decode.tick()
+            self.d_sched.placement.tick()
+            if self.d_sched.has_work:
+                self.emitted["decode"] += self.d_sched.step()
+
+    def run(self, until, limit_s: float = 120.0, decode: bool = True) -> None:
+        """Iterate until ``until()``; the wall-clock limit only guards against a hang."""
+        deadline = time.monotonic() + limit_s
+        while not until():
+            assert time.monotonic() < deadline, "the cluster did not get there"
+            self.iterate(decode)
+
+    # ---- checks -------------------------------------------------------------------------------
+    def idle(self) -> bool:
+        return not (self.p_sched.has_work or self.d_sched.has_work or self.prefill.out or self.decode.inbound)
+
+    def assert_clean(self) -> None:
+        """Every page and room back: both pools, the executor's, every PD table."""
+        self.run(self.idle)
+        assert self.p_sched.allocator.num_used == 0 and self.d_sched.allocator.num_used == 0
+        assert not self.prefill.early
+        if self.executor is not None:
+            self.d_sched.placement.tick()  # frees go out with the next step, or now
+            deadline = time.monotonic() + 60
+            while self.executor.pages and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert self.executor.pages == {} and self.executor.allocator.num_used == 0
+            assert self.d_sched.placement.homes == {}
+
+    def stop_executor(self) -> None:
+        """The executor dies: it stops serving and nothing reaches it."""
+        self._serving.clear()
+        self._thread.join(10)
+        self.net.cut(self.executor.transport.address)
+
+    def close(self) -> None:
+        if self.executor is not None and self._thread.is_alive():
+            self.stop_executor()

@@ -1,0 +1,189 @@
+"""The PD and offload state machines without servers: a prefill and a decode instance (and an
+attention executor) in one process over an in-memory network, on a tiny random model. Tokens
+match the offline Engine; after every scenario each pool, the executor and the PD tables are
+empty again."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from conftest import random_prompts
+from pd_cluster import ENGINE_ARGS, Cluster, params
+
+from adrenaline import Engine
+from adrenaline.disaggregation import decode as decode_module
+from adrenaline.disaggregation.protocol import PD_VERSION
+
+N = 12  # tokens generated per request
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory) -> str:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def want(model):
+    """The offline Engine's greedy tokens for ``prompts``."""
+    engine = Engine(model, **ENGINE_ARGS)
+
+    def generate(prompts: list[list[int]]) -> list[list[int]]:
+        outs = engine.generate(input_ids=prompts, sampling_params=[params(N)] * len(prompts))
+        return [o["output_ids"] for o in outs]
+
+    return generate
+
+
+@pytest.fixture
+def cluster(model, request):
+    c = Cluster(model, **getattr(request, "param", {}))
+    yield c
+    c.close()
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    return random_prompts(n, 512, [5, 17, 30, 9], seed=seed)
+
+
+def finished(*reqs) -> bool:
+    return all(r.finished for r in reqs)
+
+
+def message(req) -> str:
+    return req.finished_reason.get("message", "")
+
+
+@pytest.mark.parametrize(
+    "cluster", [{}, {"offload_ratio": 1.0}, {"offload_ratio": float("inf")}], indirect=True
+)
+def test_tokens_match_the_engine(cluster, want):
+    ids = prompts(4)
+    reqs = [cluster.add(f"r{i}", x, N, room=i)[1] for i, x in enumerate(ids)]
+    cluster.run(lambda: finished(*reqs))
+    assert [r.output_ids for r in reqs] == want(ids)
+    assert all(r.finished_reason["type"] == "length" for r in reqs)
+    offloaded = [bool(r.extra.get("attention_offloaded")) for r in reqs]
+    assert any(offloaded) == (cluster.executor is not None)
+    cluster.assert_clean()
+
+
+def test_early_and_duplicate_messages(cluster, want):
+    """The decode side asks before the prefill side has the request; every message arrives twice."""
+    cluster.net.duplicate_kinds = {"KVRequest", "KVPages", "KVDone", "KVAck", "KVAlive"}
+    ids = prompts(2, seed=1)
+    reqs = [cluster.add(f"r{i}", x, N, room=i, side="decode")[1] for i, x in enumerate(ids)]
+    for _ in range(3):
+        cluster.iterate()
+    assert set(cluster.prefill.early) == {0, 1}
+    for i, x in enumerate(ids):
+        cluster.add(f"r{i}", x, N, room=i, side="prefill")
+    cluster.run(lambda: finished(*reqs))
+    assert [r.output_ids for r in reqs] == want(ids)
+    assert cluster.decode.stats.transfers == 2 and cluster.prefill.stats.transfers == 2
+    cluster.assert_clean()
+
+
+def test_layout_mismatch_fails_both_sides(cluster):
+    cluster.decode.layout = msgspec.structs.replace(cluster.decode.layout, dtype="float16")
+    p, d = cluster.add("r", prompts(1)[0], N, room=3)
+    cluster.run(lambda: finished(p, d))
+    assert "KV layout mismatch" in message(d) and "KV layout mismatch" in message(p)
+    cluster.assert_clean()
+
+
+def test_protocol_version_mismatch_names_both_versions(cluster, monkeypatch):
+    monkeypatch.setattr(decode_module, "PD_VERSION", PD_VERSION + 1)
+    p, d = cluster.add("r", prompts(1)[0], N, room=3)
+    cluster.run(lambda: finished(p, d))
+    for req in (p, d):
+        assert f"speaks version {PD_VERSION}," in message(
+            req
+        ) and f"speaks version {PD_VERSION + 1}" in message(req)
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [{"offload_ratio": float("inf"), "executor_pages": 4}], indirect=True)
+def test_executor_full_runs_here(cluster, want):
+    ids = [prompts(1, seed=2)[0] + list(range(40, 60))]  # 6+ pages: more than the executor has
+    d = cluster.add("r", ids[0], N, room=5)[1]
+    cluster.run(lambda: finished(d))
+    assert d.output_ids == want(ids)[0] and not d.extra.get("attention_offloaded")
+    assert cluster.d_sched.placement.stats.refused == 1
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [{"offload_ratio": float("inf"), "offload_timeout": 1.0}], indirect=True)
+def test_executor_death_recomputes_here(cluster, want):
+    ids = prompts(2, seed=3)
+    reqs = [cluster.add(f"r{i}", x, N, room=i)[1] for i, x in enumerate(ids)]
+    cluster.run(lambda: all(len(r.output_ids) >= 3 for r in reqs))
+    cluster.stop_executor()
+    cluster.run(lambda: finished(*reqs))
+    assert [r.output_ids for r in reqs] == want(ids)
+    manager = cluster.d_sched.placement
+    assert manager.stats.fallbacks == 2 and manager.homes == {}
+    assert cluster.p_sched.allocator.num_used == 0 and cluster.d_sched.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("cluster", [{"pd_timeout": 0.5}], indirect=True)
+def test_silent_prefill_instance_times_out(cluster):
+    cluster.net.cut(cluster.prefill.transport.address)
+    d = cluster.add("r", prompts(1)[0], N, room=1, side="decode")[1]
+    cluster.run(lambda: finished(d), decode=True)
+    assert d.finished_reason["status_code"] == 504 and "no KV from the prefill instance" in message(d)
+    assert cluster.decode.stats.failures == 1
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [{"pd_timeout": 0.5}], indirect=True)
+def test_unclaimed_kv_times_out(cluster):
+    """A prefill whose decode side never asks frees everything after the timeout."""
+    p = cluster.add("r", prompts(1)[0], N, room=1, side="prefill")[0]
+    cluster.run(lambda: finished(p) and not cluster.prefill.out, decode=False)
+    assert p.finished_reason["status_code"] == 504
+    cluster.assert_clean()
+
+
+def _queued(c: Cluster, p, d) -> None:
+    c.iterate(decode=False)
+    assert d in c.d_sched.waiting
+
+
+def _kv_in_flight(c: Cluster, p, d) -> None:
+    c.net.hold_kinds = {"KVPages", "KVDone"}
+    c.run(lambda: d in c.d_sched.arriving and c.prefill.out[d.bootstrap.room].sent > 0)
+
+
+def _prefilled(c: Cluster, p, d) -> None:
+    c.net.hold_kinds = {"KVDone"}
+    c.run(lambda: bool(c.net.held))
+    assert d in c.d_sched.arriving and p.finished
+
+
+def _decoding(c: Cluster, p, d) -> None:
+    c.run(lambda: len(d.output_ids) >= 3)
+    assert d in c.d_sched.running
+
+
+STATES = {"queued": _queued, "kv in flight": _kv_in_flight, "prefilled": _prefilled, "decoding": _decoding}
+
+
+@pytest.mark.parametrize(
+    "cluster", [{}, {"offload_ratio": float("inf")}], ids=["local", "offloaded"], indirect=True
+)
+@pytest.mark.parametrize("state", list(STATES))
+@pytest.mark.parametrize("side", ["decode", "prefill"])
+def test_abort_in_every_state(cluster, state, side):
+    """An abort on either side, in every state, ends the request on both and frees everything."""
+    p, d = cluster.add("r", prompts(1, seed=4)[0], 40, room=9)
+    STATES[state](cluster, p, d)
+    cluster.abort(side, "r")
+    cluster.net.release()
+    cluster.run(lambda: finished(p, d) and cluster.idle())
+    if state == "decoding":  # the prefill side's part is over: only the decode side's is left
+        assert p.finished_reason["type"] == "length"
+        assert d.finished_reason["type"] == ("abort" if side == "decode" else "length")
+    else:  # the other side learns of it at once
+        assert (d if side == "decode" else p) in cluster.emitted[side]
+        assert p.finished_reason["type"] == d.finished_reason["type"] == "abort"
+    cluster.assert_clean()
