@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from adrenaline.kv_cache.pool import KVPool
+from adrenaline.procs import die_with_parent
 from adrenaline.transport import create_transport
 
 logger = logging.getLogger(__name__)
@@ -22,14 +23,13 @@ MPS_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
 def _die_with_parent() -> None:
-    """Name the process and have it killed with its parent where SGLang's helpers are installed;
-    without them ``serve`` still notices the parent's death within a second."""
+    """Killed with the prefill scheduler that started it (SGLang or not); named where setproctitle
+    is installed."""
+    die_with_parent()
     try:
         import setproctitle
-        from sglang.srt.utils.common import kill_itself_when_parent_died
     except ImportError:
         return
-    kill_itself_when_parent_died()
     setproctitle.setproctitle("adrenaline::attention_executor")
 
 

@@ -81,7 +81,12 @@ def _start_executor(
     tokens = ours.executor_max_total_tokens or runner.max_total_tokens
     pool = KVPool(mc, max(tokens // runner.page_size, 1), runner.page_size, runner.dtype, runner.device)
     proc, address = start_executor(
-        pool, mc.num_heads, mc.num_kv_heads, config.attention_backend, transport_args, ours.executor_sm_percent
+        pool,
+        mc.num_heads,
+        mc.num_kv_heads,
+        config.attention_backend,
+        transport_args,
+        ours.executor_sm_percent,
     )
     logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)
     return ExecutorLink(transport, address, runner.pool, pool), proc
