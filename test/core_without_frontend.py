@@ -1,6 +1,6 @@
 """Run by ``test_core_without_frontend.py`` in a fresh interpreter whose ``sitecustomize`` hides
 the front end's packages (every process it spawns too): the engine core must import and decode
-greedily with only torch, transformers and safetensors.
+greedily with only torch, transformers, safetensors and msgspec.
 
     python test/core_without_frontend.py MODEL_DIR
 """

@@ -1,7 +1,7 @@
 """The engine core (model runner, KV cache, attention backends, offload executor and client, the
 standard-library and NCCL transports, CUDA graph runner) imports and decodes greedily, tokens equal
-to HF transformers, with SGLang, FlashInfer, pyzmq, msgspec, xgrammar and setproctitle hidden: what
-a bare GPU image holds."""
+to HF transformers, with SGLang, FlashInfer, pyzmq, xgrammar and setproctitle hidden: what a bare
+GPU image holds, plus msgspec (the offload and PD protocols' typed messages)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HIDDEN = ["sglang", "flashinfer", "zmq", "msgspec", "xgrammar", "setproctitle"]
+HIDDEN = ["sglang", "flashinfer", "zmq", "xgrammar", "setproctitle"]
 HERE = Path(__file__).parent
 
 # None in sys.modules makes ``import x`` fail and ``importlib.util.find_spec(x)`` return None, as
