@@ -99,7 +99,7 @@ def run_2d_grid(path: str, make_exchange, dtype: str = "float32") -> None:
                     remote_pool.k[layer][pages] = r.pool.k[layer][pages]
                     remote_pool.v[layer][pages] = r.pool.v[layer][pages]
 
-    e.scheduler.schedule, r.forward, e.scheduler.on_forward = local_first, grid_forward, copy_prompt_kv
+    e.scheduler.schedule, r.forward, e.scheduler.hooks.on_forward = local_first, grid_forward, copy_prompt_kv
     got = e.generate(input_ids=prompts, sampling_params=PARAMS)
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
     assert (4, 2) in graphs.graphs  # 3 local + 2 offloaded rows ran in the (4, 2) cell
