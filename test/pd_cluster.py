@@ -19,8 +19,10 @@ from adrenaline.offload.executor import AttentionExecutor
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.manager import OffloadManager
 from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.offload.shm import ShmExchange
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.memory import MemoryNetwork
+from adrenaline.transport.shm_segment import ShmLayout
 
 PAGE = 4
 BOOT = ("prefill-host", 8998)
@@ -39,6 +41,7 @@ class Cluster:
         executor_pages: int = 128,
         pd_timeout: float = 60.0,
         offload_timeout: float = 60.0,
+        exchange: str = "tcp",  # the decode side's per-layer data path: tcp, or shm (shared memory)
     ) -> None:
         self.net = MemoryNetwork()
         self.emitted: dict[str, list[Req]] = {"prefill": [], "decode": []}
@@ -64,9 +67,14 @@ class Cluster:
         )
         placement = None
         if offload_ratio > 0:
-            placement = OffloadManager(
-                StaticRatioPolicy(offload_ratio), TransportExchange(dt), offload_timeout
+            mc = de.runner.model_config
+            layout = ShmLayout(8, mc.num_heads, mc.num_kv_heads, mc.head_dim, torch.float32)
+            data = (
+                TransportExchange(dt)
+                if exchange == "tcp"
+                else ShmExchange(dt, layout, offload_timeout, "shm")
             )
+            placement = OffloadManager(StaticRatioPolicy(offload_ratio), data, offload_timeout)
         self.d_sched = Scheduler(de.runner, de.config, None, placement)
         self.decode = DecodeTransfers(
             self.d_sched, de.runner.pool, dt, pd_timeout, self.emitted["decode"].append

@@ -1,10 +1,14 @@
 """Attention offloading end to end on CPU, through SGLang's router.
 
-One prefill instance with its attention executor serves three decode instances at offload
-ratios 0, 0.5 and "all" (inf), each behind its own router. Outputs must equal the offline
-``Engine`` (greedy, float32) token for token; offloaded requests move no KV to the decode side;
-the executor's KV is free once requests finish or are aborted. The last test kills the executor
-mid-decode: the decode instance recomputes locally and keeps serving.
+One prefill instance with its attention executor serves four decode instances, each behind its
+own router: static offload ratios 0, 0.5 and "all" (inf), and the load-aware policy priced by a
+synthetic profile written here (local attention far dearer than the executor's, so it offloads
+whatever memory allows once some local attention runs to hide under). Per-layer data goes over
+shared memory (same host: the default, ``auto``), except for the "all" instance, which uses TCP
+(the in-process tests in test_pd_state.py cover both paths at other ratios). Outputs must equal
+the offline ``Engine`` (greedy, float32) token for token; offloaded requests move no KV to the
+decode side; the executor's KV is free once requests finish or are aborted. The last test kills
+the executor mid-decode: the decode instance recomputes locally and keeps serving.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ pytest.importorskip("sglang_router")
 
 from server_utils import Server, free_port, generate, internal_state, wait_kv_free, wait_until  # noqa: E402
 
+from adrenaline.core.profile import Curve, Grid, Profile, save_profile  # noqa: E402
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
 TIMEOUT_S = 20
 RATIOS = {"none": "0", "half": "0.5", "all": "inf"}
+POLICIES = [*RATIOS, "load-aware"]
+OVER_TCP = {"all"}  # --offload-exchange tcp; the others use the default (shared memory here)
 LENGTHS = [4, 21, 40, 9, 70, 33]
 KV_BYTES_PER_PAGE = 30 * 2 * 16 * 3 * 64 * 4  # layers, k+v, page, kv heads, head dim, float32
 
@@ -37,10 +44,15 @@ class Deployment:
             str(self.bootstrap), "--enable-attention-offload", "--pd-timeout", str(TIMEOUT_S), threads=1,
         )  # fmt: skip
         self.decodes, self.urls = {}, {}
-        for name, ratio in RATIOS.items():
+        policies = {name: ["--attention-offload-ratio", ratio] for name, ratio in RATIOS.items()}
+        save_profile(executor_pays(), tmp / "profile.json")
+        policies["load-aware"] = ["--attention-offload-policy", "load-aware", "--offload-profile",
+                                  str(tmp / "profile.json")]  # fmt: skip
+        for name, policy in policies.items():
             (tmp / name).mkdir()
+            exchange = "tcp" if name in OVER_TCP else "auto"
             self.decodes[name] = Server(
-                tmp / name, "--disaggregation-mode", "decode", "--attention-offload-ratio", ratio,
+                tmp / name, "--disaggregation-mode", "decode", *policy, "--offload-exchange", exchange,
                 "--pd-timeout", str(TIMEOUT_S), "--offload-timeout", "3", threads=1,
             )  # fmt: skip
         self.routers = Cluster(str(tmp))
@@ -62,6 +74,17 @@ class Deployment:
             srv.stop()
 
 
+def executor_pays() -> Profile:
+    """Local attention 100 ms a layer, the executor's and the exchange 0.01 ms: offloading pays."""
+    flat = lambda ms: Grid([1, 64], [0, 65536], [[ms, ms], [ms, ms]])
+    return Profile(
+        model="synthetic", dtype="float32", device="cpu", machine="test", num_layers=30,
+        executor_threads=1, prefill_threads=1, decode_dense=Curve([1, 64], [1, 2]),
+        local_attention=flat(100), executor_attention=flat(0.01), executor_threads_scaling=Curve([1], [1]),
+        exchange=Curve([1, 64], [0.01, 0.01]), prefill_interference=Curve([0], [1]),
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory):
     d = Deployment(tmp_path_factory.mktemp("offload"))
@@ -80,7 +103,7 @@ def wait_executor_free(dep) -> dict:
     return wait_until(lambda: executor_state(dep), lambda st: st["used_pages"] == 0)
 
 
-@pytest.mark.parametrize("name", list(RATIOS))
+@pytest.mark.parametrize("name", POLICIES)
 def test_outputs_identical_at_every_ratio(dep, engine, name):
     from conftest import random_prompts
 
@@ -99,8 +122,15 @@ def test_outputs_identical_at_every_ratio(dep, engine, name):
         assert not any(offloaded)
     elif name == "all":
         assert all(offloaded)
+    elif name == "load-aware":  # the first admitted has no local attention to hide under: local
+        assert 0 < sum(offloaded) < 6
+        assert after["offload"]["decisions"]["ok"] >= sum(offloaded)
     else:
         assert 0 < sum(offloaded) < 6
+    if name != "none":  # the data path the flag chose: shared memory on this host unless tcp
+        exchange = after["offload"]["exchange"]
+        assert (exchange["kind"] == "tcp") == (name in OVER_TCP)
+        assert bool(exchange.get("shm_executors")) == (name not in OVER_TCP), exchange
     # KV crosses only for local requests: the offloaded ones' KV never reaches the decode side
     local_pages = sum(-(-len(x) // 16) for x, off in zip(ids, offloaded) if not off)
     assert after["kv_bytes"] - before["kv_bytes"] == local_pages * KV_BYTES_PER_PAGE

@@ -1,9 +1,13 @@
 """The per-layer exchange without servers: an ``AttentionExecutor`` (in a thread, over its own
-pool) serving an ``OffloadClient`` through real ZeroMQ transports, against local attention over
-the same KV; the static ratio policy; executor page accounting; protocol version mismatch."""
+pool) serving an ``OffloadClient`` through real ZeroMQ transports and through the shared-memory
+channel, against local attention over the same KV; a stopped executor under shared memory; the
+static ratio policy; executor page accounting; protocol version mismatch."""
 
 from __future__ import annotations
 
+import glob
+import os
+import signal
 import threading
 import time
 
@@ -16,14 +20,17 @@ from adrenaline.core.batch import AttentionBatch
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig
 from adrenaline.offload.client import OffloadClient
-from adrenaline.offload.exchange import TransportExchange
+from adrenaline.offload.exchange import AttentionExchange, Group, TransportExchange
 from adrenaline.offload.executor import AttentionExecutor
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.policy import LoadView, StaticRatioPolicy
+from adrenaline.offload.process import start_executor
 from adrenaline.offload.protocol import OFFLOAD, AttnQKV, AttnStep, ExecAlloc
+from adrenaline.offload.shm import ShmExchange
 from adrenaline.scheduler.placement import LocalLoad
 from adrenaline.transport import ZmqTransport
 from adrenaline.transport.kv_pages import gather_pages, scatter_pages
+from adrenaline.transport.shm_segment import ShmLayout
 
 H, HKV, D, LAYERS, PAGE = 4, 2, 16, 3, 4
 
@@ -47,6 +54,16 @@ def executor():
     ex.transport.close()
 
 
+def shm_files() -> set[str]:
+    return set(glob.glob("/dev/shm/adrenaline-*"))
+
+
+def make_exchange(kind: str, t: ZmqTransport, timeout_s: float, max_rows: int = 8) -> AttentionExchange:
+    if kind == "tcp":
+        return TransportExchange(t)
+    return ShmExchange(t, ShmLayout(max_rows, H, HKV, D, torch.float32), timeout_s, mode=kind)
+
+
 def reserve(t: ZmqTransport, executor: AttentionExecutor, room: int, tokens: int) -> list[int] | None:
     """Pages for ``room`` through the prefill side's link, pumped until the executor answers."""
     link = ExecutorLink(t, executor.transport.address, executor.pool, executor.pool, ask_timeout_s=30)
@@ -57,11 +74,10 @@ def reserve(t: ZmqTransport, executor: AttentionExecutor, room: int, tokens: int
     return granted[0]
 
 
-def test_offloaded_attention_equals_local_per_layer(executor):
-    g = torch.Generator().manual_seed(0)
-    prompt_lens = [5, 9, 13]
+def place_prompts(executor: AttentionExecutor, g: torch.Generator, prompt_lens: list[int]):
+    """Random prompt KV in a local pool and, through the prefill side's link, in the executor's."""
     local = make_pool(64)
-    local_pages = [[0, 1, 2, 3], [8, 9, 10, 11], [16, 17, 18, 19]]  # room for prompt + 1 each
+    local_pages = [[8 * i + j for j in range(4)] for i in range(len(prompt_lens))]  # prompt + 1 each
     prefill = ZmqTransport()  # plays the prefill scheduler: places prompt KV in the shared pool
     targets = []
     for i, n in enumerate(prompt_lens):
@@ -73,23 +89,50 @@ def test_offloaded_attention_equals_local_per_layer(executor):
         pages = reserve(prefill, executor, 100 + i, n)
         scatter_pages(executor.pool, pages, gather_pages(local, local_pages[i][: len(pages)]))
         targets.append((executor.transport.address, 100 + i))
-    decode = ZmqTransport()
-    client = OffloadClient(TransportExchange(decode), timeout_s=30)
-    client.prepare(targets)
-    seq_lens = [n + 1 for n in prompt_lens]  # one new token each
-    slots = torch.tensor([local_pages[i][n // PAGE] * PAGE + n % PAGE for i, n in enumerate(prompt_lens)])
-    batch = AttentionBatch([1, 1, 1], seq_lens, local_pages, slots)
+    prefill.close()
+    return local, local_pages, targets
+
+
+def run_step(client: OffloadClient, local: KVPool, local_pages, seq_lens: list[int], g: torch.Generator):
+    """One decode step through the client, each layer checked against local attention."""
+    slots = torch.tensor(
+        [local_pages[i][(n - 1) // PAGE] * PAGE + (n - 1) % PAGE for i, n in enumerate(seq_lens)]
+    )
+    batch = AttentionBatch([1] * len(seq_lens), seq_lens, local_pages, slots)
     backend = TorchAttentionBackend(local, H, HKV, D)
     backend.plan(batch)
     client.begin(batch)
     for layer in range(LAYERS):
-        q = torch.randn(3, H, D, generator=g)
-        k, v = torch.randn(3, HKV, D, generator=g), torch.randn(3, HKV, D, generator=g)
+        q = torch.randn(len(seq_lens), H, D, generator=g)
+        k, v = (
+            torch.randn(len(seq_lens), HKV, D, generator=g),
+            torch.randn(len(seq_lens), HKV, D, generator=g),
+        )
         client.submit(layer, q, k, v)
         want = backend.forward(layer, q, k, v)
         got = client.wait(layer)
         assert torch.allclose(got, want, atol=1e-5), (layer, (got - want).abs().max())
-    assert executor.stats().requests == 3 and executor.layers_served == LAYERS
+
+
+@pytest.mark.parametrize("kind,max_rows", [("tcp", 8), ("shm", 8), ("auto", 2)])
+def test_offloaded_attention_equals_local_per_layer(executor, kind, max_rows):
+    """Two decode steps; ``auto`` with 2 rows per channel sends the 3-row group over TCP."""
+    before = shm_files()
+    g = torch.Generator().manual_seed(0)
+    prompt_lens = [5, 9, 13]
+    local, local_pages, targets = place_prompts(executor, g, prompt_lens)
+    decode = ZmqTransport()
+    exchange = make_exchange(kind, decode, 30, max_rows)
+    client = OffloadClient(exchange, timeout_s=30)
+    client.prepare(targets)
+    for step in range(2):
+        run_step(client, local, local_pages, [n + 1 + step for n in prompt_lens], g)
+    (times,) = client.recent  # the first step, completed when the second began
+    assert times.executor_wait_s > 0 and times.exchange_s > 0 and times.local_attention_s > 0
+    if isinstance(exchange, ShmExchange):
+        assert list(exchange.channels) == [executor.transport.address]  # same host: attached
+        assert executor.shm.peers() == [f"shm:{decode.address}"]
+    assert executor.stats().requests == 3 and executor.layers_served == 2 * LAYERS
     for target in targets:
         client.free(*target)
     client.flush()
@@ -97,7 +140,48 @@ def test_offloaded_attention_equals_local_per_layer(executor):
     while executor.allocator.num_used and time.monotonic() < deadline:
         time.sleep(0.05)
     assert executor.allocator.num_used == 0 and executor.stats().requests == 0
-    prefill.close()
+    exchange.close()
+    decode.close()
+    assert shm_files() <= before  # no segment of ours left in /dev/shm
+
+
+@pytest.mark.parametrize("mode", ["shm", "auto"])
+def test_stopped_executor_under_shm_falls_back(executor, mode):
+    """The executor drops the channel mid-run: the next step raises ``RemoteAttentionError`` (the
+    scheduler recomputes locally) well within the timeout; ``auto`` then serves over TCP."""
+    before = shm_files()
+    g = torch.Generator().manual_seed(1)
+    local, local_pages, targets = place_prompts(executor, g, [6, 7])
+    decode = ZmqTransport()
+    exchange = make_exchange(mode, decode, 20)
+    client = OffloadClient(exchange, timeout_s=20)
+    client.prepare(targets)
+    run_step(client, local, local_pages, [7, 8], g)
+    executor.shm.close()  # a stopped executor: its end of the channel is closed
+    tic = time.monotonic()
+    with pytest.raises(RemoteAttentionError, match="closed"):
+        run_step(client, local, local_pages, [8, 9], g)
+    assert time.monotonic() - tic < 10 and not exchange.channels
+    if mode == "auto":  # the executor still answers on ZeroMQ
+        run_step(client, local, local_pages, [8, 9], g)
+        assert executor.transport.address in exchange.tcp_only
+    exchange.close()
+    decode.close()
+    assert shm_files() <= before
+
+
+def test_shm_refused_across_layouts_keeps_tcp(executor):
+    """An executor whose heads differ refuses the offer: ``auto`` keeps TCP, ``shm`` fails the step."""
+    decode = ZmqTransport()
+    for mode in ("auto", "shm"):
+        exchange = ShmExchange(decode, ShmLayout(4, H * 2, HKV, D, torch.float32), 10, mode=mode)
+        exchange.begin(1, [Group(executor.transport.address, 0, [7], [4])], {})
+        assert not exchange.channels
+        if mode == "auto":
+            assert executor.transport.address in exchange.tcp_only
+        else:
+            with pytest.raises(RemoteAttentionError, match="do not match"):
+                exchange.wait(1, 0, Group(executor.transport.address, 0, [7], [4]), 1)
     decode.close()
 
 
@@ -155,3 +239,33 @@ def test_static_ratio_policy(ratio, cap, expected):
         offloaded += decision.offload
         assert decision.reason
     assert offloaded == expected
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_executor_process_under_shm_falls_back_without_leftovers(sig):
+    """A real executor process behind the shared-memory path, killed: the next step raises
+    ``RemoteAttentionError`` (local recomputation) within the timeout, and ``/dev/shm`` is clean."""
+    before = shm_files()
+    proc, address = start_executor(make_pool(8), H, HKV, "torch", ("tcp", "127.0.0.1", None))
+    decode = ZmqTransport()
+    exchange = make_exchange("shm", decode, 5)
+    client = OffloadClient(exchange, timeout_s=5)
+    client.prepare([(address, 7)])
+    batch = AttentionBatch([1], [4], [[]], torch.tensor([-1]))
+    qkv = (torch.zeros(1, H, D), torch.zeros(1, HKV, D), torch.zeros(1, HKV, D))
+    client.begin(batch)
+    client.submit(0, *qkv)
+    with pytest.raises(RemoteAttentionError, match="unknown bootstrap rooms"):  # answered over shm
+        client.wait(0)
+    assert list(exchange.channels) == [address]
+    os.kill(proc.pid, sig)
+    proc.join(30)
+    tic = time.monotonic()
+    with pytest.raises(RemoteAttentionError):
+        client.begin(batch)
+        client.submit(0, *qkv)
+        client.wait(0)
+    assert time.monotonic() - tic < 6 and not exchange.channels
+    exchange.close()
+    decode.close()
+    assert shm_files() <= before

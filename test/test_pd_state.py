@@ -54,7 +54,9 @@ def message(req) -> str:
 
 
 @pytest.mark.parametrize(
-    "cluster", [{}, {"offload_ratio": 1.0}, {"offload_ratio": float("inf")}], indirect=True
+    "cluster",
+    [{}, *({"offload_ratio": r, "exchange": x} for r in (1.0, float("inf")) for x in ("tcp", "shm"))],
+    indirect=True,
 )
 def test_tokens_match_the_engine(cluster, want):
     ids = prompts(4)
@@ -64,6 +66,9 @@ def test_tokens_match_the_engine(cluster, want):
     assert all(r.finished_reason["type"] == "length" for r in reqs)
     offloaded = [bool(r.extra.get("attention_offloaded")) for r in reqs]
     assert any(offloaded) == (cluster.executor is not None)
+    if cluster.executor is not None:  # the data path asked for
+        channels = getattr(cluster.d_sched.placement.client.exchange, "channels", None)
+        assert channels is None or list(channels) == [cluster.executor.transport.address]
     cluster.assert_clean()
 
 
@@ -112,7 +117,11 @@ def test_executor_full_runs_here(cluster, want):
     cluster.assert_clean()
 
 
-@pytest.mark.parametrize("cluster", [{"offload_ratio": float("inf"), "offload_timeout": 1.0}], indirect=True)
+@pytest.mark.parametrize(
+    "cluster",
+    [{"offload_ratio": float("inf"), "offload_timeout": 1.0, "exchange": x} for x in ("tcp", "shm")],
+    indirect=True,
+)
 def test_executor_death_recomputes_here(cluster, want):
     ids = prompts(2, seed=3)
     reqs = [cluster.add(f"r{i}", x, N, room=i)[1] for i, x in enumerate(ids)]

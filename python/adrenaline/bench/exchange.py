@@ -1,10 +1,12 @@
-"""Round trip of the per-layer offload exchange: packed q|k|v out, attention output back.
+"""Round trip of the per-layer offload exchange: q|k|v out, attention output back.
 
-    python -m adrenaline.bench.exchange --batch-sizes 1 8 32 --context 256
+    python -m adrenaline.bench.exchange --batch-sizes 1 8 32 --context 256 --exchange tcp shm
 
 Starts a real attention executor process (default model's shapes, float32 KV) and times, per
-layer, ``submit`` + ``wait`` of an ``OffloadClient`` over the chosen transport, against the same
-attention computed locally. Prints the median round trip and the local time per batch size.
+layer, ``submit`` + ``wait`` of an ``OffloadClient`` through each exchange (``tcp``: ZeroMQ,
+``shm``: the same-host shared-memory channel), against the same attention computed locally. The
+executor runs that same kernel on the same shapes, so the round trip less the local time is the
+transport overhead; the table reports the three medians per exchange and batch size.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.offload.client import OffloadClient
-from adrenaline.offload.exchange import TransportExchange
+from adrenaline.offload.exchange import AttentionExchange, TransportExchange
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.process import start_executor
-from adrenaline.transport import create_transport
+from adrenaline.offload.shm import ShmExchange
+from adrenaline.transport import Transport, create_transport
+from adrenaline.transport.shm_segment import ShmLayout
+
+
+def make_exchange(kind: str, transport: Transport, layout: ShmLayout) -> AttentionExchange:
+    if kind == "tcp":
+        return TransportExchange(transport)
+    return ShmExchange(transport, layout, timeout_s=30, mode="shm")
 
 
 def main() -> None:
@@ -34,8 +44,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30, help="layers timed per step")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--transport", default="tcp", choices=["tcp", "nccl"])
+    ap.add_argument("--exchange", nargs="+", default=["tcp", "shm"], choices=["tcp", "shm"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # as the executor: the local attention is timed on the same footing
     mc = ModelConfig.from_pretrained(resolve_model_path(None))
     h, hkv, d, ps = mc.num_heads, mc.num_kv_heads, mc.head_dim, 16
     n = max(args.batch_sizes)
@@ -46,7 +58,6 @@ def main() -> None:
     local_pool = KVPool(mc, pages, ps, torch.float32, args.device)
     local = create_backend(backend, local_pool, h, hkv, d)
     transport = create_transport(args.transport, "127.0.0.1", None)
-    client = OffloadClient(TransportExchange(transport), timeout_s=30)
     link = ExecutorLink(transport, address, local_pool, pool, ask_timeout_s=30)
     for i in range(n):
         link.reserve(i, args.context, lambda pages: None)
@@ -55,32 +66,49 @@ def main() -> None:
         if msg is not None:
             link.handle(msg)
     print(f"transport {args.transport}, device {args.device}, context {args.context}, {args.layers} layers")
-    print("| batch | round trip p50 (ms/layer) | local attention (ms/layer) | q/k/v out + out back (KiB) |")
-    print("|---:|---:|---:|---:|")
-    for b in args.batch_sizes:
-        client.prepare([(address, i) for i in range(b)])
-        width = -(-(args.context + args.steps) // ps)
-        tables = [list(range(i * width, (i + 1) * width)) for i in range(b)]
-        trips, locals_ = [], []
-        for step in range(args.steps):
-            seq = [args.context + step + 1] * b
-            slots = torch.tensor([t[(s - 1) // ps] * ps + (s - 1) % ps for t, s in zip(tables, seq)])
-            batch = AttentionBatch([1] * b, seq, tables, slots.to(args.device))
-            client.begin(batch)
-            local.plan(batch)
-            for layer in range(args.layers):
-                q = torch.randn(b, h, d, device=args.device)
-                k, v = torch.randn(b, hkv, d, device=args.device), torch.randn(b, hkv, d, device=args.device)
-                tic = time.perf_counter()
-                client.submit(layer, q, k, v)
-                client.wait(layer)
-                trips.append(time.perf_counter() - tic)
-                tic = time.perf_counter()
-                local.forward(layer, q, k, v)
-                locals_.append(time.perf_counter() - tic)
-        kib = b * (h + 2 * hkv + h) * d * 4 / 1024
-        trip, loc = statistics.median(trips) * 1e3, statistics.median(locals_) * 1e3
-        print(f"| {b} | {trip:.3f} | {loc:.3f} | {kib:.1f} |")
+    print(
+        "| exchange | batch | round trip p50 (ms/layer) | attention p50 (ms/layer) "
+        "| transport overhead p50 (us/layer) | q/k/v out + out back (KiB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    layout = ShmLayout(n, h, hkv, d, torch.float32)
+    for kind in args.exchange:
+        exchange = make_exchange(kind, transport, layout)
+        client = OffloadClient(exchange, timeout_s=30)
+        for b in args.batch_sizes:
+            trip, loc = time_layers(client, local, address, b, args, ps, (h, hkv, d))
+            kib = b * (h + 2 * hkv + h) * d * 4 / 1024
+            overhead_us = (trip - loc) * 1e6
+            print(f"| {kind} | {b} | {trip * 1e3:.3f} | {loc * 1e3:.3f} | {overhead_us:.0f} | {kib:.1f} |")
+        exchange.close()
+
+
+def time_layers(
+    client: OffloadClient, local, address: str, b: int, args, ps: int, heads
+) -> tuple[float, float]:
+    """Median seconds per layer: the exchange's round trip, and the same attention computed here."""
+    h, hkv, d = heads
+    client.prepare([(address, i) for i in range(b)])
+    width = -(-(args.context + args.steps) // ps)
+    tables = [list(range(i * width, (i + 1) * width)) for i in range(b)]
+    trips, locals_ = [], []
+    for step in range(args.steps):
+        seq = [args.context + step + 1] * b
+        slots = torch.tensor([t[(s - 1) // ps] * ps + (s - 1) % ps for t, s in zip(tables, seq)])
+        batch = AttentionBatch([1] * b, seq, tables, slots.to(args.device))
+        client.begin(batch)
+        local.plan(batch)
+        for layer in range(args.layers):
+            q = torch.randn(b, h, d, device=args.device)
+            k, v = torch.randn(b, hkv, d, device=args.device), torch.randn(b, hkv, d, device=args.device)
+            tic = time.perf_counter()
+            client.submit(layer, q, k, v)
+            client.wait(layer)
+            trips.append(time.perf_counter() - tic)
+            tic = time.perf_counter()
+            local.forward(layer, q, k, v)
+            locals_.append(time.perf_counter() - tic)
+    return statistics.median(trips), statistics.median(locals_)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Two KV pools in the default model's layout (30 layers, 3 KV heads, head dim 64, 
 pages), without the servers. Per request, the prompt's pages go from one pool into scattered pages
 of the other, as the PD planes move them:
 
-- ``zmq``: what ``disaggregation/`` does over ``--pd-transport tcp``: ``gather_pages`` into one
-  tensor, a ``kv_pages`` message over ``ZmqTransport``, ``scatter_pages`` on arrival;
+- ``zmq``: what ``disaggregation/`` does over ``--pd-transport tcp``: ``TransportPages`` gathers the
+  pages into one tensor and sends a ``KVPages`` message over ``ZmqTransport``; ``scatter_pages`` on arrival;
 - ``mooncake``: ``MooncakeKVPlane.write_pages`` (runs of pages coalesced, batched writes, a
   completion notice with the room), timed until the receiver sees the room.
 
@@ -27,8 +27,10 @@ from collections.abc import Callable
 
 import torch
 
-from adrenaline.disaggregation.common import KV_PAGES, gather_pages, scatter_pages
+from adrenaline.disaggregation.kv_move import TransportPages
+from adrenaline.disaggregation.protocol import PD, KVPages
 from adrenaline.kv_cache.pool import KVPool
+from adrenaline.transport.kv_pages import scatter_pages
 from adrenaline.transport.mooncake_engine import MooncakeEngine
 from adrenaline.transport.mooncake_kv import MooncakeKVPlane
 from adrenaline.transport.zmq_transport import ZmqTransport
@@ -48,10 +50,15 @@ def make_pool(args: argparse.Namespace, pages: int, fill: bool) -> KVPool:
 
 def zmq_path(src: KVPool, dst: KVPool) -> Transfer:
     sender, receiver = ZmqTransport(), ZmqTransport()
+    mover = TransportPages(src, sender)
+
+    def is_room(msg, room: int) -> bool:
+        parsed = PD.parse(msg)
+        return isinstance(parsed, KVPages) and parsed.room == room
 
     def transfer(src_pages: list[int], dst_pages: list[int], room: int) -> None:
-        sender.send(receiver.address, KV_PAGES, {"room": room, "first": 0}, [gather_pages(src, src_pages)])
-        msg = receiver.recv(lambda m: m.kind == KV_PAGES and m.meta["room"] == room, timeout_s=60)
+        mover.move(receiver.address, room, 0, src_pages, dst_pages)
+        msg = receiver.recv(lambda m: is_room(m, room), timeout_s=60)
         scatter_pages(dst, dst_pages, msg.tensors[0])
 
     return transfer

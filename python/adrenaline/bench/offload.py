@@ -1,6 +1,7 @@
 """The headline: 1P1D plain PD vs 1P1D with attention offloading, same machine, same workload.
 
     python -m adrenaline.bench.offload --decode-max-total-tokens 1024 --ratio 4 -- --dtype bfloat16
+    python -m adrenaline.bench.offload --policy load-aware [--offload-profile P.json] [--tpot-slo-ms T]
 
 A decode-heavy workload (short prompts, long outputs, many concurrent requests) against a decode
 instance whose KV pool (``--decode-max-total-tokens``) bounds its batch. The prefill instance
@@ -41,6 +42,16 @@ class ExecutorWatch:
         self.thread.join(5)
 
 
+def offload_args(args: argparse.Namespace) -> list[str]:
+    """The offloading decode instance's policy flags."""
+    if args.policy == "static":
+        return ["--attention-offload-ratio", args.ratio]
+    flags = ["--attention-offload-policy", "load-aware"]
+    for flag, value in (("--offload-profile", args.offload_profile), ("--tpot-slo-ms", args.tpot_slo_ms)):
+        flags += [flag, value] if value is not None else []
+    return flags
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=48)
@@ -48,17 +59,17 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-concurrency", type=int, default=48)
     ap.add_argument("--decode-max-total-tokens", type=int, default=1024)
-    ap.add_argument("--ratio", default="4", help="--attention-offload-ratio of the offloading run")
+    ap.add_argument("--policy", choices=["static", "load-aware"], default="static")
+    ap.add_argument("--ratio", default="4", help="--attention-offload-ratio of a static offloading run")
+    ap.add_argument("--offload-profile", default=None, help="load-aware: the profile (default: cached)")
+    ap.add_argument("--tpot-slo-ms", default=None, help="load-aware: the decode step's bound")
     ap.add_argument("--log-dir", default=None)
     args, extra = parse_args(ap)
     model = resolve_model_path(None)
     decode_kv = ("--max-total-tokens", str(args.decode_max_total_tokens))
     modes = {
-        "plain PD": ((), decode_kv),
-        "PD + offload": (
-            ("--enable-attention-offload",),
-            (*decode_kv, "--attention-offload-ratio", args.ratio),
-        ),
+        "plain PD": ((), (*decode_kv, "--attention-offload-ratio", "0")),
+        "PD + offload": (("--enable-attention-offload",), (*decode_kv, *offload_args(args))),
     }
     rows, tput = [], {}
     for mode, (prefill_extra, decode_extra) in modes.items():
@@ -80,7 +91,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     print(f"\nserver args: {' '.join(extra) or '(defaults)'}; decode --max-total-tokens "
           f"{args.decode_max_total_tokens}; {args.num_prompts} prompts in {args.input_len} / out "
-          f"{args.output_len}, concurrency {args.max_concurrency}; offload ratio {args.ratio}")  # fmt: skip
+          f"{args.output_len}, concurrency {args.max_concurrency}; "
+          f"offload {' '.join(offload_args(args))}")  # fmt: skip
     print("| mode | output tok/s | TPOT p50 / p99 (ms) | TTFT p99 (ms) | max gap (s) | mean decode batch "
           "| executor KV peak |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")

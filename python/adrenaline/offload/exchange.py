@@ -3,7 +3,8 @@ its attention executors, apart from the control (which requests, policy, failure
 
 ``AttentionExchange`` is the interface: begin a step with its metadata, submit a layer's packed
 q|k|v, wait for a group's output, queue frees, close. ``TransportExchange`` runs it over a
-``Transport`` (ZeroMQ host memory, or NCCL); a faster one plugs in beside it.
+``Transport`` (ZeroMQ host memory, or NCCL); ``ShmExchange`` (``offload/shm.py``) moves the data of
+executors on this host onto shared memory and leaves the others here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from adrenaline.attention.base import RemoteAttentionError
 from adrenaline.offload.protocol import (
@@ -46,8 +48,8 @@ class AttentionExchange(ABC):
         """Announce a step to each group's executor, with the rooms freed since the last one."""
 
     @abstractmethod
-    def submit(self, step: int, layer: int, groups: Sequence[Group], qkv: torch.Tensor) -> None:
-        """Ship each group's rows of the packed [rows, H + 2 Hkv, D] q|k|v; must not block."""
+    def submit(self, step: int, layer: int, groups: Sequence[Group], q: Tensor, k: Tensor, v: Tensor) -> None:
+        """Ship each group's rows of q [rows, H, D], k and v [rows, Hkv, D]; must not block."""
 
     @abstractmethod
     def wait(self, step: int, layer: int, group: Group, timeout_s: float) -> torch.Tensor:
@@ -60,6 +62,10 @@ class AttentionExchange(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release what the data path holds."""
+
+    def info(self) -> dict:
+        """Which path carries each executor's per-layer data (``/server_info``)."""
+        return {"kind": "tcp"}
 
 
 class TransportExchange(AttentionExchange):
@@ -78,7 +84,8 @@ class TransportExchange(AttentionExchange):
             msg = AttnStep(OFFLOAD_VERSION, step, g.rooms, g.seq_lens, frees.pop(g.executor, []))
             self._send(g.executor, msg)
 
-    def submit(self, step: int, layer: int, groups: Sequence[Group], qkv: torch.Tensor) -> None:
+    def submit(self, step: int, layer: int, groups: Sequence[Group], q: Tensor, k: Tensor, v: Tensor) -> None:
+        qkv = torch.cat([q, k, v], dim=1)  # one transfer per executor: [rows, H + 2 Hkv, D]
         for g in groups:
             self._send(g.executor, AttnQKV(step, layer), (qkv[g.start : g.start + len(g.rooms)],))
 

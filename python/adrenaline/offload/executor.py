@@ -6,7 +6,10 @@ GPU: torch passes the tensors' handles when it starts this process), so a prefil
 offloaded prompt's KV in place and no KV crosses the network. Per decode step it gets, from each
 decode instance, the step's rooms and lengths (growing their pages here), then per layer the
 packed q|k|v; it appends k and v to the pool and answers with the attention output. It serves any
-number of decode instances, one attention backend (plan) per instance.
+number of decode instances, one attention backend (plan) per instance. A decode instance on this
+host may move its steps and layers onto a shared-memory channel (``ShmOffer``): ``ShmServer`` then
+serves it on its own thread (``_shm_begin`` / ``_shm_attend``), under the server's lock wherever
+pages change, while ZeroMQ keeps the control messages.
 """
 
 from __future__ import annotations
@@ -36,9 +39,13 @@ from adrenaline.offload.protocol import (
     ExecStatsAsk,
     ExecStatsReply,
     ExecutorStats,
+    ShmOffer,
+    ShmOfferReply,
 )
-from adrenaline.transport.base import Message, Transport
+from adrenaline.transport.base import Message, Transport, TransportError
 from adrenaline.transport.protocol import Mismatch
+from adrenaline.transport.shm_exchange import StepMeta
+from adrenaline.transport.shm_server import ShmServer
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,7 @@ class AttentionExecutor:
         self.steps: dict[str, _Step] = {}  # decode peer -> its current step
         self.backends: dict[str, AttentionBackend] = {}
         self.layers_served = 0
+        self.shm = ShmServer(self._shm_attend, self._shm_begin, self._shm_closed, device=pool.device)
         create_backend(backend, pool, num_heads, num_kv_heads, self.heads[2])  # build its kernels now
 
     # ---- requests' pages ------------------------------------------------------------------------
@@ -107,6 +115,8 @@ class AttentionExecutor:
             self._free(m.rooms)
         elif isinstance(m, ExecAlloc):
             self._alloc(msg.peer, m)
+        elif isinstance(m, ShmOffer):
+            self._attach(msg.peer, m)
         elif isinstance(m, ExecStatsAsk):
             OFFLOAD.send(self.transport, msg.peer, ExecStatsReply(m.ask, self.stats()))
         elif isinstance(m, Mismatch):
@@ -119,6 +129,8 @@ class AttentionExecutor:
         logger.error(m.error)
         if m.kind == AttnStep.__name__:
             self.steps[peer] = _Step(m.meta.get("step", -1), None, m.error)
+        elif m.kind == ShmOffer.__name__:
+            OFFLOAD.send(self.transport, peer, ShmOfferReply(m.error))
         elif m.kind == ExecAlloc.__name__:
             reply = ExecAllocReply(m.meta.get("ask", -1), m.meta.get("room", -1), self.stats(), None, m.error)
             OFFLOAD.send(self.transport, peer, reply)
@@ -169,18 +181,50 @@ class AttentionExecutor:
         a = self.allocator
         OFFLOAD.send(self.transport, peer, AttnOut(m.step, m.layer, a.num_used, a.num_pages), [out])
 
+    # ---- the shared-memory fast path ------------------------------------------------------------
+    def _attach(self, peer: str, m: ShmOffer) -> None:
+        """Serve ``peer``'s channel if it is on this host and its layout fits; answer either way."""
+        error = None
+        try:
+            self.shm.add(f"shm:{peer}", m.offer, self.heads)
+        except (TransportError, KeyError, TypeError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
+        OFFLOAD.send(self.transport, peer, ShmOfferReply(error))
+
+    def _shm_begin(self, meta: StepMeta) -> None:
+        self._free(meta.frees)
+        if meta.rooms:
+            self.steps[meta.peer] = self._plan(meta.peer, meta.step, meta.rooms, meta.seq_lens)
+
+    def _shm_attend(
+        self, meta: StepMeta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        plan = self.steps.get(meta.peer)
+        if plan is None or plan.backend is None:
+            raise RuntimeError(plan.error if plan is not None else f"step {meta.step} was not planned")
+        out = plan.backend.forward(layer, q, k, v)
+        self.layers_served += 1
+        return out
+
+    def _shm_closed(self, peer: str) -> None:
+        self.steps.pop(peer, None)
+        self.backends.pop(peer, None)
+
     def serve(self, alive: Callable[[], bool]) -> None:
         """Serve until ``alive()`` (checked every second) turns false."""
         checked = time.monotonic()
         while True:
             msg = self.transport.poll(0.1)
             if msg is not None:
-                self.handle(msg)
+                with self.shm.lock:  # shared-memory peers change pages on their own threads
+                    self.handle(msg)
             if time.monotonic() - checked > 1:
                 checked = time.monotonic()
                 if not alive():
+                    self.shm.close()
                     return
                 idle = [r for r, t in self.touched.items() if checked - t > ROOM_IDLE_S]
                 if idle:
                     logger.warning("freeing %d rooms idle for %.0f s", len(idle), ROOM_IDLE_S)
-                    self._free(idle)
+                    with self.shm.lock:
+                        self._free(idle)

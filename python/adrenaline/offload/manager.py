@@ -15,7 +15,7 @@ from typing import Any
 
 from adrenaline.attention.base import RemoteAttention
 from adrenaline.core.request import Req
-from adrenaline.offload.client import OffloadClient
+from adrenaline.offload.client import OffloadClient, StepTimes
 from adrenaline.offload.exchange import AttentionExchange
 from adrenaline.offload.policy import ExecutorLoad, LoadView, OffloadPolicy
 from adrenaline.scheduler.placement import LocalLoad, Placement
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Home:
+    req: Req
     room: int  # the bootstrap room naming its KV on the executor
     executor: str | None = None  # known once its prompt KV is there
 
@@ -45,12 +46,16 @@ class OffloadManager(Placement):
         self.local_only: set[str] = set()  # rids an executor refused
         self.stats = OffloadStats()
         self.last_reason = ""
+        self.local = LocalLoad(0, 0, 1)  # as the last admission saw it
+        self.observed = 0  # the offloaded step whose measurements the policy last saw
 
     def view(self, local: LocalLoad) -> LoadView:
         executors: dict[str, ExecutorLoad] = {}
         for h in self.homes.values():
             if h.executor is not None:
-                executors.setdefault(h.executor, ExecutorLoad()).requests += 1
+                e = executors.setdefault(h.executor, ExecutorLoad())
+                e.requests += 1
+                e.context += h.req.seq_len
         for address, (used, total) in self.client.exchange.executor_pages.items():
             e = executors.setdefault(address, ExecutorLoad())
             e.used_pages, e.num_pages = used, total
@@ -60,10 +65,11 @@ class OffloadManager(Placement):
     def place(self, req: Req, load: LocalLoad) -> bool:
         if req.rid in self.local_only:
             return False
+        self.local = load
         decision = self.policy.decide(self.view(load), req)
         self.last_reason = decision.reason
         if decision.offload:
-            self.homes[req.rid] = Home(req.bootstrap.room)
+            self.homes[req.rid] = Home(req, req.bootstrap.room)
             self.stats.offloaded += 1
         else:
             self.stats.kept_local += 1
@@ -76,6 +82,7 @@ class OffloadManager(Placement):
         if home is None:
             raise ValueError(f"request {req.rid} was offloaded but no executor holds its KV")
         h.executor = home
+        self.policy.attached(req, home)
         req.extra["attention_offloaded"] = True  # reported in its meta_info
 
     def is_local(self, req: Req) -> bool:
@@ -91,25 +98,39 @@ class OffloadManager(Placement):
     def keep_local(self, req: Req) -> None:
         self.local_only.add(req.rid)
         self.stats.refused += 1
+        self.policy.refused(req)
 
     def release(self, req: Req) -> None:
         self.local_only.discard(req.rid)
+        self.policy.release(req)
         h = self.homes.pop(req.rid, None)
         if h is not None and h.executor is not None:
             self.client.free(h.executor, h.room)
 
     def tick(self) -> None:
         self.client.flush()
+        if self.client.step != self.observed:
+            self.observed = self.client.step
+            self.policy.observe(self.view(self.local))
+
+    def completed_steps(self) -> list[StepTimes]:
+        """The offloaded steps' breakdowns since the last call (for the metrics' histograms)."""
+        recent = list(self.client.recent)
+        self.client.recent.clear()
+        return recent
 
     def info(self) -> dict[str, Any]:
         view = self.view(LocalLoad(0, 0, 0))
         return {
             "policy": type(self.policy).__name__,
             "last_decision": self.last_reason,
+            "decisions": self.policy.counters(),
             "offloaded_requests": view.num_offloaded,
             "offloaded_steps": self.client.step,
             "step_s": view.step_s,
             "exchange_wait_s": view.exchange_wait_s,
+            "step_breakdown_s": asdict(self.client.breakdown),
+            "exchange": self.client.exchange.info(),
             "executors": {a: asdict(e) for a, e in view.executors.items()},
             **asdict(self.stats),
         }

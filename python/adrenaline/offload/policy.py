@@ -20,6 +20,7 @@ class ExecutorLoad:
     used_pages: int = 0  # as the executor last reported (0 until it answered a layer)
     num_pages: int = 0
     requests: int = 0  # this instance's requests placed there (decoding or on their way)
+    context: int = 0  # their KV tokens now
 
 
 @dataclass
@@ -44,7 +45,29 @@ class Decision:
 class OffloadPolicy(ABC):
     @abstractmethod
     def decide(self, view: LoadView, req: Req) -> Decision:
-        """Whether ``req``, being admitted, runs its attention on an executor, and why."""
+        """Whether ``req``, being admitted, runs its attention on an executor, and why. An offload
+        may commit executor room until ``release``."""
+
+    # What a policy tracking commitments or live measurements hears; nothing by default.
+    def attached(self, req: Req, executor: str) -> None:
+        """An offloaded request's prompt KV is on ``executor``."""
+        return None
+
+    def release(self, req: Req) -> None:
+        """``req`` no longer holds what ``decide`` committed: finished, aborted, retracted or refused."""
+        return None
+
+    def refused(self, req: Req) -> None:
+        """The executor side could not take ``req`` after all: it runs here."""
+        self.release(req)
+
+    def observe(self, view: LoadView) -> None:
+        """After each offloaded step, with the live view and its new measurements."""
+        return None
+
+    def counters(self) -> dict[str, int]:
+        """Decisions so far by reason, for ``/server_info`` and Prometheus."""
+        return {}
 
 
 class StaticRatioPolicy(OffloadPolicy):

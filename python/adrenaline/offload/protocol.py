@@ -2,7 +2,9 @@
 
 Per decode step, a decode instance sends each executor of its offloaded group one ``AttnStep``
 (rooms, lengths, rooms freed since), then per layer one ``AttnQKV`` with the packed q|k|v; the
-executor answers each layer with ``AttnOut`` (the output, plus its KV usage) or ``AttnError``. The
+executor answers each layer with ``AttnOut`` (the output, plus its KV usage) or ``AttnError``. On
+one host, a ``ShmOffer`` answered by ``ShmOfferReply`` moves that per-step and per-layer traffic
+onto a shared-memory channel (``transport/shm_exchange.py``); control stays here. The
 prefill scheduler beside an executor reserves pages for an offloaded prompt (``ExecAlloc``, which
 carries the version), frees them and reads the executor's statistics, never waiting for a reply.
 """
@@ -42,7 +44,16 @@ class AttnFree(Struct):
     rooms: list[int]
 
 
+class ShmOffer(Struct):  # same-host fast path: attach to this shared-memory channel
+    version: int
+    offer: dict
+
+
 # ---- executor -> decode instance ---------------------------------------------------------------
+class ShmOfferReply(Struct):
+    error: str | None = None  # None: attached; per-layer data now goes through the channel
+
+
 class AttnOut(Struct):  # + one tensor: [rows, H, D]
     step: int
     layer: int
@@ -92,6 +103,8 @@ OFFLOAD = Protocol(
         AttnStep,
         AttnQKV,
         AttnFree,
+        ShmOffer,
+        ShmOfferReply,
         AttnOut,
         AttnError,
         ExecAlloc,

@@ -3,7 +3,7 @@
     python -m adrenaline.profile [--model-path P] [--dtype float32] [--output F.json] [--quick]
 
 Without ``--output`` the profile goes to the cache the server reads at start
-(``~/.cache/adrenaline/profiles/<model>-<dtype>-<machine>.json``, see ``profile.cache``).
+(``~/.cache/adrenaline/profiles/<model>-<dtype>-<machine>.json``, see ``offload.profile_source``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from adrenaline.core.profile import save_profile
 from adrenaline.models.default_model import resolve_model_path
-from adrenaline.profile.cache import default_profile_path
+from adrenaline.offload.profile_source import default_profile_path
 from adrenaline.profile.plots import write_plots
 from adrenaline.profile.run import run_profile
 

@@ -10,12 +10,12 @@ import dataclasses
 
 import torch
 
-from adrenaline.core.request import Req
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.model_config import ModelConfig
 from adrenaline.offload.client import OffloadClient
+from adrenaline.offload.exchange import TransportExchange
 from adrenaline.offload.process import start_executor
-from adrenaline.offload.protocol import EXEC_ALLOC, EXEC_REPLY
+from adrenaline.offload.protocol import OFFLOAD, OFFLOAD_VERSION, ExecAlloc, ExecAllocReply
 from adrenaline.profile.measure import PAGE, best_ms, decode_batch
 from adrenaline.transport import create_transport
 
@@ -30,25 +30,26 @@ class ExchangeRig:
             pool, mc.num_heads, mc.num_kv_heads, "torch", (transport, "127.0.0.1", None)
         )
         self.transport = create_transport(transport, "127.0.0.1", None)
-        self.client = OffloadClient(self.transport, timeout_s=60)
-        self.reqs = [self._alloc(address, i) for i in range(max_rows)]
+        self.client = OffloadClient(TransportExchange(self.transport), timeout_s=60)
+        self.targets = [self._alloc(address, room) for room in range(max_rows)]
         self.dtype = dtype
 
-    def _alloc(self, address: str, room: int) -> Req:
-        self.transport.send(address, EXEC_ALLOC, {"room": room, "tokens": TOKENS, "ask": room})
-        reply = self.transport.recv(lambda m: m.kind == EXEC_REPLY and m.meta.get("ask") == room, 60)
-        if "error" in reply.meta:
-            raise RuntimeError(f"executor alloc failed: {reply.meta['error']}")
-        req = Req(str(room), [0] * TOKENS, None)  # type: ignore[arg-type]
-        req.offload, req.extra["bootstrap"] = address, ("", 0, room)
-        return req
+    def _alloc(self, address: str, room: int) -> tuple[str, int]:
+        """Pages for one request's KV in the executor's pool: its (executor, room)."""
+        OFFLOAD.send(self.transport, address, ExecAlloc(OFFLOAD_VERSION, room, room, TOKENS))
+        name = ExecAllocReply.__name__
+        msg = self.transport.recv(lambda m: m.kind == name and m.meta.get("ask") == room, 60)
+        reply = OFFLOAD.parse(msg)
+        if not isinstance(reply, ExecAllocReply) or reply.error is not None:
+            raise RuntimeError(f"executor alloc failed: {getattr(reply, 'error', msg.meta)}")
+        return address, room
 
     def round_trip_ms(self, rows: int, reps: int, layers: int = 8) -> float:
         """Fastest ``submit`` + ``wait`` of one layer for ``rows`` offloaded decodes."""
         mc, kw = self.mc, {"dtype": self.dtype}
         q = torch.randn(rows, mc.num_heads, mc.head_dim, **kw)
         k, v = (torch.randn(rows, mc.num_kv_heads, mc.head_dim, **kw) for _ in range(2))
-        self.client.prepare(self.reqs[:rows])
+        self.client.prepare(self.targets[:rows])
         self.client.begin(decode_batch(rows, rows * TOKENS, torch.device("cpu")))
 
         def layer() -> None:

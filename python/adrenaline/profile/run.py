@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from adrenaline.core.profile import Curve, Grid, Profile, load_profile, save_profile
-from adrenaline.profile.cache import default_profile_path, machine
+from adrenaline.offload.profile_source import default_profile_path, machine
 from adrenaline.profile.exchange import ExchangeRig
 from adrenaline.profile.interference import prefill_under_load
 from adrenaline.profile.measure import Rig

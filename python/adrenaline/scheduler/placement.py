@@ -23,6 +23,7 @@ class LocalLoad:
     requests: int  # running here, or admitted with their KV on its way (remote ones included)
     free_pages: int  # KV pages free in this instance's pool
     page_size: int
+    context: int = 0  # KV tokens of the requests running here (the local attention's work)
 
 
 class Placement:

@@ -220,7 +220,9 @@ class Scheduler:
     def _admit_arriving(self, req: Req) -> bool:
         """Admit a request whose prompt KV another instance computes: place it, reserve its pages
         (none when placed remotely), let the PD role ask for the KV. It runs once that arrives."""
-        load = LocalLoad(len(self.running) + len(self.arriving), self.allocator.num_available, self.page_size)
+        n, free = len(self.running) + len(self.arriving), self.allocator.num_available
+        context = sum(r.seq_len for r in self.running if self.placement.is_local(r))
+        load = LocalLoad(n, free, self.page_size, context)
         if not self.placement.place(req, load):
             need = num_pages(len(req.input_ids), self.page_size)
             if need > self.allocator.num_available:

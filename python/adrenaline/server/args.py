@@ -97,11 +97,16 @@ class AdrenalineArgs:
     pd_timeout: float = 60.0
     pd_advertise_host: str | None = None
     enable_attention_offload: bool = False
-    attention_offload_ratio: float = 0.0
+    attention_offload_ratio: float | None = None
+    attention_offload_policy: str | None = None
+    offload_profile: str | None = None
+    tpot_slo_ms: float | None = None
+    ttft_slo_ms: float | None = None
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
     executor_sm_percent: int | None = None
     offload_timeout: float = 10.0
+    offload_exchange: str = "auto"
     max_parallel_samples: int = 16
 
     @staticmethod
@@ -133,8 +138,31 @@ class AdrenalineArgs:
         group.add_argument(
             "--attention-offload-ratio",
             type=float,
-            default=0.0,
-            help="decode: target offloaded:local requests (N/M); 0 offloads none, inf offloads all",
+            default=None,
+            help="decode: target offloaded:local requests (N/M) for the static policy; 0 offloads none, "
+            "inf offloads all. Given, the policy defaults to static",
+        )
+        group.add_argument(
+            "--attention-offload-policy",
+            choices=["static", "load-aware"],
+            default=None,
+            help="decode: static (--attention-offload-ratio) or load-aware (offload while the executor's "
+            "KV has room and its time hides under local attention; the default without a ratio)",
+        )
+        group.add_argument(
+            "--offload-profile",
+            default=None,
+            help="decode, load-aware: the profile JSON (python -m adrenaline.profile); default: the "
+            "cached one for this model and machine, else a conservative built-in one",
+        )
+        group.add_argument(
+            "--tpot-slo-ms", type=float, default=None, help="decode, load-aware: decode step time bound"
+        )
+        group.add_argument(
+            "--ttft-slo-ms",
+            type=float,
+            default=None,
+            help="decode, load-aware: back off an executor whose prefill's TTFT is above this",
         )
         group.add_argument(
             "--max-offloaded-requests", type=int, default=None, help="decode: cap on offloaded requests"
@@ -158,6 +186,13 @@ class AdrenalineArgs:
             default=AdrenalineArgs.offload_timeout,
             help="decode: seconds to wait for an executor's layer output before recomputing locally",
         )
+        group.add_argument(
+            "--offload-exchange",
+            choices=["auto", "shm", "tcp"],
+            default=AdrenalineArgs.offload_exchange,
+            help="decode: per-layer data path to executors: shared memory where the executor is on this "
+            "host, else TCP (auto); shared memory only (shm; without it, recompute locally); tcp",
+        )
 
         group.add_argument(
             "--max-parallel-samples",
@@ -174,8 +209,17 @@ class AdrenalineArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if args.max_parallel_samples < 1:
             raise ValueError("--max-parallel-samples must be at least 1")
-        if args.attention_offload_ratio < 0:
+        ratio = args.attention_offload_ratio
+        if ratio is not None and ratio < 0:
             raise ValueError("--attention-offload-ratio must be >= 0")
         if args.executor_sm_percent is not None and not 0 < args.executor_sm_percent <= 100:
             raise ValueError("--executor-sm-percent must be in (0, 100]")
+        if args.attention_offload_policy is None:
+            args.attention_offload_policy = "static" if ratio is not None else "load-aware"
+        if args.attention_offload_policy == "load-aware" and ratio is not None:
+            raise ValueError("--attention-offload-ratio is for --attention-offload-policy static")
+        for name in ("tpot_slo_ms", "ttft_slo_ms"):
+            value = getattr(args, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
         return args

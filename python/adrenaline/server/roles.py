@@ -11,20 +11,28 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from adrenaline.disaggregation.bootstrap import register_prefill
 from adrenaline.disaggregation.common import TransferManager
 from adrenaline.disaggregation.decode import DecodeTransfers
 from adrenaline.disaggregation.prefill import PrefillTransfers
 from adrenaline.kv_cache.pool import KVPool
-from adrenaline.offload.exchange import TransportExchange
+from adrenaline.models.default_model import resolve_model_path
+from adrenaline.offload.exchange import AttentionExchange, TransportExchange
 from adrenaline.offload.link import ExecutorLink
+from adrenaline.offload.load_aware import Slo
+from adrenaline.offload.load_aware_offload import LoadAwareOffload
 from adrenaline.offload.manager import OffloadManager
-from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.offload.policy import OffloadPolicy, StaticRatioPolicy
 from adrenaline.offload.process import start_executor
+from adrenaline.offload.profile_source import resolve_profile
+from adrenaline.offload.shm import ShmExchange
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.server.args import AdrenalineArgs
 from adrenaline.transport import Transport, create_transport
+from adrenaline.transport.shm_segment import ShmLayout
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +59,10 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
     transport = create_transport(*transport_args)
     if mode == "decode":
         placement = None
-        if ours.attention_offload_ratio > 0:
-            policy = StaticRatioPolicy(ours.attention_offload_ratio, ours.max_offloaded_requests)
-            placement = OffloadManager(policy, TransportExchange(transport), ours.offload_timeout)
+        policy = _offload_policy(ours, runner, config)
+        if policy is not None:
+            exchange = _exchange(ours, runner, config, transport)
+            placement = OffloadManager(policy, exchange, ours.offload_timeout)
         scheduler = Scheduler(runner, config, tokenizer, placement)
         return Role(scheduler, DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit))
     scheduler = Scheduler(runner, config, tokenizer)
@@ -71,6 +80,30 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
     )
     role.pd = PrefillTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, executor=executor)
     return role
+
+
+def _exchange(ours: AdrenalineArgs, runner: ModelRunner, config, transport: Transport) -> AttentionExchange:
+    """The decode side's per-layer data path; shared-memory channels hold the largest offloaded
+    group (``--max-offloaded-requests``, else the running cap): a larger one goes over TCP."""
+    if ours.offload_exchange == "tcp" or runner.device.type != "cpu":
+        return TransportExchange(transport)
+    mc = runner.model_config
+    rows = ours.max_offloaded_requests or config.max_running_requests
+    layout = ShmLayout(rows, mc.num_heads, mc.num_kv_heads, mc.head_dim, runner.dtype)
+    return ShmExchange(transport, layout, ours.offload_timeout, ours.offload_exchange)
+
+
+def _offload_policy(ours: AdrenalineArgs, runner: ModelRunner, config) -> OffloadPolicy | None:
+    """The decode side's offload policy (None: offloading off)."""
+    if ours.attention_offload_policy == "static":
+        ratio = ours.attention_offload_ratio or 0.0
+        return StaticRatioPolicy(ratio, ours.max_offloaded_requests) if ratio > 0 else None
+    device = "cpu" if runner.device.type == "cpu" else torch.cuda.get_device_name(runner.device)
+    dtype = str(runner.dtype).removeprefix("torch.")
+    mc = runner.model_config
+    model = resolve_model_path(config.model_path)
+    profile = resolve_profile(ours.offload_profile, model, dtype, mc.num_layers, device)
+    return LoadAwareOffload(profile, Slo(ours.tpot_slo_ms, ours.ttft_slo_ms))
 
 
 def _start_executor(
