@@ -90,3 +90,12 @@ def paged_decode_attention(
         q.float()[:, :, None, :], ks, vs, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
     )
     return o[:, :, 0, :]
+
+
+def append_paged_kv(
+    k_pages: torch.Tensor, v_pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store k/v [T, Hkv, D] at flat slots (page * page_size + offset); negative slots are skipped."""
+    keep = slots >= 0
+    for pages, new in ((k_pages, k), (v_pages, v)):
+        pages.view(-1, *pages.shape[2:]).index_copy_(0, slots[keep], new[keep].to(pages.dtype))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adrenaline.models.default_model import default_model_path
+from sgl_kernel_ext.triton_ops import interpret_on_cpu
+
+interpret_on_cpu()  # Triton kernels run in its interpreter without a GPU (before anything imports triton)
+
+from adrenaline.models.default_model import default_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")

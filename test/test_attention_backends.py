@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -74,6 +76,7 @@ def test_torch_backend_matches_definition(seq_lens, extend_lens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer needs a CUDA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="FlashInfer is not installed")
 @pytest.mark.parametrize("seq_lens,extend_lens", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_flashinfer_matches_torch(seq_lens, extend_lens, dtype):

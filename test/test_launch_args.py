@@ -52,7 +52,7 @@ def test_pd_flags(default_model):
     "argv,message",
     [
         (["--tp-size", "2"], "--tp-size 2"),
-        (["--attention-backend", "triton"], "--attention-backend triton"),
+        (["--attention-backend", "fa3"], "--attention-backend fa3"),
         (["--is-embedding"], "embedding"),
         (["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "nixl"], "--pd-transport"),
         (["--pd-timeout", "0"], "--pd-timeout"),
@@ -66,3 +66,13 @@ def test_bad_flags_exit_with_a_short_message(default_model, capsys, argv, messag
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) <= 3
+
+
+def test_gpu_flags_reach_the_config(default_model):
+    sa, ours = parse_server_args(
+        ["--model-path", default_model, "--attention-backend", "triton", "--disable-cuda-graph",
+         "--executor-sm-percent", "30"]
+    )  # fmt: skip
+    cfg = engine_config(sa)
+    assert (cfg.attention_backend, cfg.cuda_graph, ours.executor_sm_percent) == ("triton", False, 30)
+    assert engine_config(parse_server_args(["--model-path", default_model])[0]).cuda_graph

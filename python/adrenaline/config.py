@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # ids in, ids out: no text, stop strings or grammars
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # auto | torch | flashinfer
+    attention_backend: str = "auto"  # auto | torch | flashinfer | triton
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; None -> from mem_fraction_static
     mem_fraction_static: float | None = None  # share of device memory for weights + KV
@@ -23,6 +24,7 @@ class EngineConfig:
     max_prefill_tokens: int = 16384
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU intra-op threads; None -> torch's default
+    cuda_graph: bool = True  # decode steps replay CUDA graphs on GPU (off: --disable-cuda-graph)
     # Batch-invariant CPU kernels: outputs independent of batch, chunking and offloading (slower).
     enable_deterministic_inference: bool = False
 
@@ -32,8 +34,9 @@ class EngineConfig:
         if self.enable_deterministic_inference and self.attention_backend not in ("auto", "torch"):
             raise ValueError("--enable-deterministic-inference needs the torch attention backend")
         if self.attention_backend == "auto":
-            gpu_default = "torch" if self.enable_deterministic_inference else "flashinfer"
-            self.attention_backend = gpu_default if self.device == "cuda" else "torch"
+            gpu = "flashinfer" if importlib.util.find_spec("flashinfer") else "triton"
+            gpu = "torch" if self.enable_deterministic_inference else gpu
+            self.attention_backend = gpu if self.device == "cuda" else "torch"
         if self.mem_fraction_static is None:
             self.mem_fraction_static = 0.85 if self.device == "cuda" else 0.2
         if self.page_size < 1:

@@ -14,6 +14,7 @@ import sys
 from sglang.srt.server_args import ServerArgs
 
 from adrenaline.server.args import AdrenalineArgs, unsupported_flags
+from adrenaline.server.detokenizer import run_detokenizer_process
 
 PROG = "python -m adrenaline.launch_server"
 
@@ -92,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[adrenaline] ready at {url} (OpenAI API at {url}/v1)", flush=True)
 
     scheduler_fn = functools.partial(run_scheduler_process, adrenaline_args=ours)
-    launch_server(server_args, run_scheduler_process_func=scheduler_fn, launch_callback=ready)
+    launch_server(
+        server_args,
+        run_scheduler_process_func=scheduler_fn,
+        run_detokenizer_process_func=run_detokenizer_process,
+        launch_callback=ready,
+    )
 
 
 if __name__ == "__main__":

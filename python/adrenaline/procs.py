@@ -10,6 +10,8 @@ likewise die with their parent, so the whole tree goes.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
+import os
 import signal
 import socket
 import subprocess
@@ -24,13 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel sends SIGKILL when the parent (thread) ends. Done here
-    rather than through SGLang's helper of the same job: importing that costs a launcher ~6 s."""
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (thread) ends. In a multiprocessing
+    child, whose parent may have died before this call (it spends seconds importing first; the
+    signal then never comes), exit at once. Done here rather than through SGLang's helper of the
+    same job: importing that costs a launcher ~6 s, and it has no such check."""
     if sys.platform == "linux":
         ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
 
 
 def spawn(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
     """Popen in a new session, SIGKILLed when the spawning thread ends (call it from the main one)."""
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **popen_kwargs)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **popen_kwargs)

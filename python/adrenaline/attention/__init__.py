@@ -1,4 +1,4 @@
-"""Attention: the backend interface, its torch and FlashInfer implementations, the offload split."""
+"""Attention: the backend interface, its torch, FlashInfer and Triton implementations, the offload split."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ def create_backend(
         from adrenaline.attention.flashinfer_backend import FlashInferAttentionBackend
 
         return FlashInferAttentionBackend(pool, num_heads, num_kv_heads, head_dim)
-    raise ValueError(f"unknown attention backend {name!r}; choose torch or flashinfer")
+    if name == "triton":
+        from adrenaline.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(pool, num_heads, num_kv_heads, head_dim)
+    raise ValueError(f"unknown attention backend {name!r}; choose torch, flashinfer or triton")
 
 
 __all__ = ["AttentionBackend", "AttentionBatch", "RemoteAttention", "SplitAttention", "create_backend"]

@@ -2,54 +2,92 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
-import psutil
-import setproctitle
 import torch
 import torch.multiprocessing as mp
 
 from adrenaline.kv_cache.pool import KVPool
+from adrenaline.procs import die_with_parent
 from adrenaline.transport import create_transport
 
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120
+MPS_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+
+
+def _die_with_parent() -> None:
+    """Killed with the prefill scheduler that started it (SGLang or not); named where setproctitle
+    is installed."""
+    die_with_parent()
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle("adrenaline::attention_executor")
 
 
 def _run(
     pool_tensors: tuple[list, list], heads: tuple[int, int], backend: str, transport: tuple, conn
 ) -> None:
-    from sglang.srt.utils.common import kill_itself_when_parent_died
-
     from adrenaline.offload.executor import AttentionExecutor
 
-    kill_itself_when_parent_died()
-    setproctitle.setproctitle("adrenaline::attention_executor")
+    _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(level="INFO", format="[%(asctime)s adrenaline executor] %(levelname)s %(message)s")
     torch.set_num_threads(1)  # decode attention is memory-bound: one core's bandwidth does
     pool = KVPool.from_tensors(*pool_tensors)
     executor = AttentionExecutor(pool, create_transport(*transport), *heads, backend)
     conn.send(executor.transport.address)
-    parent = psutil.Process(os.getppid())
+    parent = os.getppid()
     logger.info(
-        "serving at %s: %d KV pages of %d tokens", executor.transport.address, pool.num_pages, pool.page_size
+        "serving at %s: %d KV pages of %d tokens (SM share %s%%)",
+        executor.transport.address,
+        pool.num_pages,
+        pool.page_size,
+        os.environ.get(MPS_SHARE_ENV, "100"),
     )
-    executor.serve(parent.is_running)
+    executor.serve(lambda: os.getppid() == parent)
+
+
+@contextlib.contextmanager
+def _child_env(name: str, value: str | None):
+    """``os.environ[name] = value`` while a child process is spawned (it copies the environment)."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def start_executor(
-    pool: KVPool, num_heads: int, num_kv_heads: int, backend: str, transport: tuple[str, str, str | None]
+    pool: KVPool,
+    num_heads: int,
+    num_kv_heads: int,
+    backend: str,
+    transport: tuple[str, str, str | None],
+    sm_percent: int | None = None,
 ) -> tuple[Any, str]:
     """Spawn the executor over ``pool`` (moved to shared memory on CPU); returns (process, address).
 
     ``transport`` is ``create_transport``'s arguments: (kind, bind host, advertise host).
+    ``sm_percent``: the executor's SM share under MPS (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, read
+    when the child initialises CUDA, which it does first thing: unpickling the pool's IPC handles).
+    Without an MPS daemon the variable is ignored and the executor time-shares the GPU.
     """
+    if sm_percent is not None and not 0 < sm_percent <= 100:
+        raise ValueError("--executor-sm-percent must be in (0, 100]")
     if pool.device.type == "cpu":
         for t in pool.k + pool.v:
             t.share_memory_()
@@ -60,7 +98,8 @@ def start_executor(
         args=((pool.k, pool.v), (num_heads, num_kv_heads), backend, transport, child_conn),
         daemon=True,
     )
-    proc.start()
+    with _child_env(MPS_SHARE_ENV, None if sm_percent is None else str(sm_percent)):
+        proc.start()
     if not parent_conn.poll(STARTUP_TIMEOUT_S):
         proc.kill()
         raise RuntimeError("the attention executor did not start")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import psutil
 import torch
 
 from adrenaline.attention import RemoteAttention, SplitAttention, create_backend
@@ -45,6 +44,11 @@ class ModelRunner:
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, self.page_size, self.pool.nbytes() / 2**20
         )
+        self.graphs = None  # decode steps as CUDA graphs (runner/cuda_graph.py), captured on first use
+        if config.cuda_graph and self.device.type == "cuda" and config.attention_backend == "triton":
+            from adrenaline.runner.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, config.max_running_requests)
 
     def _num_pages(self) -> int:
         """Pages from ``max_total_tokens``, else from ``mem_fraction_static`` of the device's memory."""
@@ -55,6 +59,8 @@ class ModelRunner:
                 free, total = torch.cuda.mem_get_info(self.device)
                 budget = total * self.config.mem_fraction_static - (total - free)
             else:
+                import psutil  # the front end's dependency: only a CPU engine without a size needs it
+
                 budget = psutil.virtual_memory().available * self.config.mem_fraction_static
             tokens = int(budget // self.model_config.kv_bytes_per_token(self.dtype))
             tokens = min(tokens, self.config.max_running_requests * self.model_config.context_len)
@@ -68,5 +74,9 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch, remote: RemoteAttention | None = None) -> torch.Tensor:
         """Float32 logits for ``batch.logits_rows``."""
+        if remote is None and self.graphs is not None:
+            logits = self.graphs.run(batch.input_ids, batch.positions, batch.attn, len(batch.items))
+            if logits is not None:
+                return logits[batch.logits_rows]
         attention = SplitAttention(self.backend, batch.attn, batch.num_local, remote)
         return self.model(batch.input_ids, batch.positions, attention, batch.logits_rows)

@@ -15,7 +15,13 @@ from typing import Any
 from adrenaline.config import EngineConfig
 
 # SGLang --attention-backend -> ours. "torch" is our name; SGLang's CLI spells it torch_native.
-ATTENTION_BACKENDS = {None: "auto", "torch_native": "torch", "torch": "torch", "flashinfer": "flashinfer"}
+ATTENTION_BACKENDS = {
+    None: "auto",
+    "torch_native": "torch",
+    "torch": "torch",
+    "flashinfer": "flashinfer",
+    "triton": "triton",
+}
 DTYPES = {"half": "float16", "float": "float32"}
 # ServerArgs attribute -> EngineConfig field, copied when the user set it.
 PASSTHROUGH = {
@@ -69,6 +75,7 @@ def engine_config(sa: Any) -> EngineConfig:
         "device": sa.device or "auto",
         "attention_backend": ATTENTION_BACKENDS[sa.attention_backend],
         "enable_prefix_caching": not sa.disable_radix_cache,
+        "cuda_graph": not getattr(sa, "disable_cuda_graph", False),
         "enable_deterministic_inference": bool(getattr(sa, "enable_deterministic_inference", False)),
     }
     for src, dst in PASSTHROUGH.items():
@@ -97,6 +104,7 @@ class AdrenalineArgs:
     ttft_slo_ms: float | None = None
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
+    executor_sm_percent: int | None = None
     offload_timeout: float = 10.0
     offload_exchange: str = "auto"
     max_parallel_samples: int = 16
@@ -166,6 +174,13 @@ class AdrenalineArgs:
             help="prefill: the attention executor's KV pool in tokens (default: the prefill's pool size)",
         )
         group.add_argument(
+            "--executor-sm-percent",
+            type=int,
+            default=None,
+            help="prefill: the attention executor's SM share under MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
+            "of its process; start MPS with scripts/start_mps.sh; ignored without MPS)",
+        )
+        group.add_argument(
             "--offload-timeout",
             type=float,
             default=AdrenalineArgs.offload_timeout,
@@ -197,6 +212,8 @@ class AdrenalineArgs:
         ratio = args.attention_offload_ratio
         if ratio is not None and ratio < 0:
             raise ValueError("--attention-offload-ratio must be >= 0")
+        if args.executor_sm_percent is not None and not 0 < args.executor_sm_percent <= 100:
+            raise ValueError("--executor-sm-percent must be in (0, 100]")
         if args.attention_offload_policy is None:
             args.attention_offload_policy = "static" if ratio is not None else "load-aware"
         if args.attention_offload_policy == "load-aware" and ratio is not None:

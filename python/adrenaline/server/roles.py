@@ -116,7 +116,14 @@ def _start_executor(
     pool = KVPool(mc, max(tokens // runner.page_size, 1), runner.page_size, runner.dtype, runner.device)
 
     def start() -> tuple[Any, str]:
-        return start_executor(pool, mc.num_heads, mc.num_kv_heads, config.attention_backend, transport_args)
+        return start_executor(
+            pool,
+            mc.num_heads,
+            mc.num_kv_heads,
+            config.attention_backend,
+            transport_args,
+            ours.executor_sm_percent,
+        )
 
     proc, address = start()
     logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)

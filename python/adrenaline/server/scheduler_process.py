@@ -19,11 +19,11 @@ import psutil
 import setproctitle
 import zmq
 from sglang.srt.managers import io_struct as io
-from sglang.srt.utils.common import kill_itself_when_parent_died
 from sglang.srt.utils.network import get_zmq_socket
 
 from adrenaline.core.request import Req, finish_abort
 from adrenaline.models.default_model import resolve_model_path
+from adrenaline.procs import die_with_parent
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.server.args import AdrenalineArgs, engine_config
 from adrenaline.server.control import ControlHandler
@@ -226,7 +226,7 @@ def run_scheduler_process(
     **kwargs: Any,
 ) -> None:
     """SGLang's ``run_scheduler_process_func``: runs until ``ShutdownReq`` or the parent dies."""
-    kill_itself_when_parent_died()
+    die_with_parent()
     setproctitle.setproctitle("sglang::scheduler")  # SGLang's SIGTERM path finds schedulers by it
     faulthandler.enable()
     _configure_logging(server_args.log_level)

@@ -8,6 +8,7 @@ more.
 
 from __future__ import annotations
 
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -16,6 +17,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def reachable_host(host: str) -> str:
+    """An address peers can dial for a server bound to ``host`` (0.0.0.0 -> this machine's IP)."""
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def to_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().view(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def from_bytes(buf: memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    out.view(-1).view(torch.uint8).numpy()[:] = buf
+    return out
 
 
 class TransportError(RuntimeError):

@@ -1,4 +1,5 @@
-"""GPU-to-GPU transport: headers over ZeroMQ, tensor payloads over NCCL (NVLink, InfiniBand).
+"""GPU-to-GPU transport: headers over ZeroMQ (the standard library's sockets where pyzmq is not
+installed), tensor payloads over NCCL (NVLink, InfiniBand).
 
 There is no global world. The first time an endpoint sends to a peer it opens a two-rank NCCL
 communicator for that direction only: it serves a ``TCPStore`` as rank 0 and tells the peer where
@@ -19,13 +20,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from adrenaline.transport.base import Message
-from adrenaline.transport.zmq_transport import ZmqTransport, dtype_name
+from adrenaline.transport.base import Message, dtype_name
+
+try:
+    from adrenaline.transport.zmq_transport import ZmqTransport as HeaderTransport
+except ImportError:  # the engine core without pyzmq: headers over the standard library
+    from adrenaline.transport.socket_transport import SocketTransport as HeaderTransport
 
 NCCL_INIT = "nccl_init"
 
 
-class NcclTransport(ZmqTransport):
+class NcclTransport(HeaderTransport):
     def __init__(
         self, bind_host: str = "127.0.0.1", advertise_host: str | None = None, timeout_s: float = 60
     ) -> None:
@@ -34,7 +39,7 @@ class NcclTransport(ZmqTransport):
             raise RuntimeError("the nccl transport needs a CUDA GPU; use --pd-transport tcp")
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.timeout = timedelta(seconds=timeout_s)
-        self.host = self.address.removeprefix("tcp://").rsplit(":", 1)[0]
+        self.host = self.address.split("://", 1)[-1].rsplit(":", 1)[0]
         self._out: dict[str, tuple[Any, Any]] = {}  # peer -> (store, group) where we are rank 0
         self._in: dict[str, tuple[Any, Any]] = {}  # peer -> (store, group) where we are rank 1
 

@@ -8,7 +8,6 @@ dtype and shape. Device tensors are staged through host memory.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,34 +15,17 @@ import msgspec
 import torch
 import zmq
 
-from adrenaline.transport.base import Message, Transport, TransportError
+from adrenaline.transport.base import (
+    Message,
+    Transport,
+    TransportError,
+    dtype_name,
+    from_bytes,
+    reachable_host,
+    to_bytes,
+)
 
 SEND_HWM = 1024  # messages queued per peer before send() reports the peer as stuck
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _to_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.detach().to("cpu").contiguous().view(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _from_bytes(buf: memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
-    out = torch.empty(shape, dtype=getattr(torch, dtype))
-    out.view(-1).view(torch.uint8).numpy()[:] = buf
-    return out
-
-
-def reachable_host(host: str) -> str:
-    """An address peers can dial for a server bound to ``host`` (0.0.0.0 -> this machine's IP)."""
-    if host in ("0.0.0.0", "::", ""):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return "127.0.0.1" if host == "localhost" else host
 
 
 class ZmqTransport(Transport):
@@ -81,7 +63,7 @@ class ZmqTransport(Transport):
             "meta": meta or {},
             "tensors": [(dtype_name(t.dtype), list(t.shape)) for t in tensors],
         }
-        bufs = [_to_bytes(t) for t in tensors]
+        bufs = [to_bytes(t) for t in tensors]
         try:
             self._dealer(peer).send_multipart(
                 [msgspec.msgpack.encode(header), *bufs], flags=zmq.NOBLOCK, copy=False
@@ -98,7 +80,7 @@ class ZmqTransport(Transport):
             return None
         ident, head, *frames = self.socket.recv_multipart(copy=False)
         header = msgspec.msgpack.decode(head.bytes)
-        tensors = [_from_bytes(f.buffer, d, s) for f, (d, s) in zip(frames, header["tensors"])]
+        tensors = [from_bytes(f.buffer, d, s) for f, (d, s) in zip(frames, header["tensors"])]
         self.stats.bytes_received += sum(f.buffer.nbytes for f in frames)
         self.stats.messages_received += 1
         return Message(ident.bytes.decode(), header["kind"], header["meta"], tensors)
