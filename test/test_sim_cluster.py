@@ -15,7 +15,7 @@ from adrenaline.sim.cluster import Cluster, Deployment
 from adrenaline.sim.cost import AnalyticCost
 from adrenaline.sim.hardware import gpu
 from adrenaline.sim.model import ModelSpec
-from adrenaline.sim.policy import LoadAware, Static
+from adrenaline.sim.policy import LoadAware, Static, counts_view
 from adrenaline.sim.profiled import profile_of
 from adrenaline.sim.workload import Spec, read_log, synthetic, write_log
 
@@ -83,7 +83,7 @@ def test_static_policy_sees_the_runtime_counts():
     run_checked(Deployment(offload=True, concurrency=200), Recording(0.7))
     assert all(mine == theirs for mine, theirs, _ in seen)
     ref = StaticRatioPolicy(0.7)
-    assert all(got == ref.offload(*counts) for counts, _, got in seen)
+    assert all(got == ref.decide(counts_view(*counts), None).offload for counts, _, got in seen)
     assert Counter(got for *_, got in seen).keys() == {True, False}
 
 

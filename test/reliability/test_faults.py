@@ -113,6 +113,7 @@ def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
     ids = list(range(300, 330))
     want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
     [old] = executors(pair)
+    old_address = executor_state(pair)["address"]
 
     def kill_at_second_chunk(n: int) -> None:
         if n == 2:
@@ -128,7 +129,9 @@ def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
     assert r.status_code == 200, r.text
     assert r.json()["output_ids"] == want and r.json()["meta_info"]["attention_offloaded"] == [True]
     info = internal_state(pair.decode)["disaggregation"]["offload"]
-    assert list(info["executors"]) == [st["address"]]  # the dead executor's page counts are gone
+    # the dead executor's page counts are gone (the new one is listed once it reports over TCP;
+    # over shared memory it reports none)
+    assert old_address not in info["executors"] and set(info["executors"]) <= {st["address"]}
     assert info["fallbacks"] >= 1
     assert_clean(pair)
 

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from adrenaline.core.profile import Profile
 from adrenaline.offload.load_aware import Candidate, ExecutorLoad, LoadAwarePolicy, LoadView, Slo
+from adrenaline.offload.policy import LoadView as CountsView
 from adrenaline.offload.policy import StaticRatioPolicy
+from adrenaline.scheduler.placement import LocalLoad
 from adrenaline.sim.request import SimReq
 
 if TYPE_CHECKING:
@@ -43,6 +45,11 @@ class Never:
         self.prefills = prefills
 
 
+def counts_view(local: int, offloaded: int) -> CountsView:
+    """The runtime's view for its static rule, which reads only the (local, offloaded) counts."""
+    return CountsView(LocalLoad(local + offloaded, free_pages=0, page_size=1), offloaded)
+
+
 class Static(Never):
     """``--attention-offload-ratio`` (N/M) and ``--max-offloaded-requests``."""
 
@@ -50,7 +57,7 @@ class Static(Never):
         self.policy = StaticRatioPolicy(ratio, max_offloaded)
 
     def choose(self, dec: DecodeInstance, req: SimReq) -> bool:
-        return self.policy.offload(*dec.counts())
+        return self.policy.decide(counts_view(*dec.counts()), None).offload
 
 
 class LoadAware(Never):
