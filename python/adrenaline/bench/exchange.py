@@ -31,6 +31,32 @@ from adrenaline.transport import Transport, create_transport
 from adrenaline.transport.shm_segment import ShmLayout
 
 
+PAGE = 16
+
+
+class ExecutorRig:
+    """A real attention executor process with ``rows`` requests' rooms reserved (room i for row i),
+    and a local pool of the same size: what the exchange and step benchmarks run against."""
+
+    def __init__(
+        self, mc: ModelConfig, rows: int, tokens: int, dtype: torch.dtype, device: str, transport: str = "tcp"
+    ) -> None:
+        h, hkv = mc.num_heads, mc.num_kv_heads
+        pages = -(-tokens // PAGE) * rows + 1
+        pool = KVPool(mc, pages, PAGE, dtype, device)
+        self.backend = "flashinfer" if device == "cuda" else "torch"
+        self.process, self.address = start_executor(pool, h, hkv, self.backend, (transport, "127.0.0.1", None))
+        self.local_pool = KVPool(mc, pages, PAGE, dtype, device)
+        self.transport = create_transport(transport, "127.0.0.1", None)
+        link = ExecutorLink(self.transport, self.address, self.local_pool, pool, ask_timeout_s=30)
+        for i in range(rows):
+            link.reserve(i, tokens, lambda pages: None)
+        while link.asks:
+            msg = self.transport.poll(1.0)
+            if msg is not None:
+                link.handle(msg)
+
+
 def make_exchange(kind: str, transport: Transport, layout: ShmLayout) -> AttentionExchange:
     if kind == "tcp":
         return TransportExchange(transport)
@@ -49,22 +75,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the executor: the local attention is timed on the same footing
     mc = ModelConfig.from_pretrained(resolve_model_path(None))
-    h, hkv, d, ps = mc.num_heads, mc.num_kv_heads, mc.head_dim, 16
+    h, hkv, d, ps = mc.num_heads, mc.num_kv_heads, mc.head_dim, PAGE
     n = max(args.batch_sizes)
-    pages = -(-(args.context + args.steps) // ps) * n + 1
-    pool = KVPool(mc, pages, ps, torch.float32, args.device)
-    backend = "flashinfer" if args.device == "cuda" else "torch"
-    _, address = start_executor(pool, h, hkv, backend, (args.transport, "127.0.0.1", None))
-    local_pool = KVPool(mc, pages, ps, torch.float32, args.device)
-    local = create_backend(backend, local_pool, h, hkv, d)
-    transport = create_transport(args.transport, "127.0.0.1", None)
-    link = ExecutorLink(transport, address, local_pool, pool, ask_timeout_s=30)
-    for i in range(n):
-        link.reserve(i, args.context, lambda pages: None)
-    while link.asks:
-        msg = transport.poll(1.0)
-        if msg is not None:
-            link.handle(msg)
+    rig = ExecutorRig(mc, n, args.context + args.steps, torch.float32, args.device, args.transport)
+    address, transport = rig.address, rig.transport
+    local = create_backend(rig.backend, rig.local_pool, h, hkv, d)
     print(f"transport {args.transport}, device {args.device}, context {args.context}, {args.layers} layers")
     print(
         "| exchange | batch | round trip p50 (ms/layer) | attention p50 (ms/layer) "

@@ -76,8 +76,7 @@ class OffloadClient(RemoteAttention):
     def begin(self, batch: AttentionBatch) -> None:
         if not batch.is_decode:
             raise ValueError("offloaded requests only decode: their prompts were prefilled elsewhere")
-        if self._ended > self._began:  # the previous step's measurements are complete
-            self._measured()
+        self.end_step()
         self.step += 1
         self._began = time.perf_counter()
         self._waited = self._local = 0.0
@@ -86,7 +85,11 @@ class OffloadClient(RemoteAttention):
         self.exchange.begin(self.step, self.groups, self.frees)
         self._exchanged = time.perf_counter() - self._began
 
-    def _measured(self) -> None:
+    def end_step(self) -> StepTimes | None:
+        """Record the last step's breakdown, once its last output came back (``begin`` calls this for
+        the previous step); the breakdown, or None when there is no completed step to record."""
+        if self._ended <= self._began:
+            return None
         step_s = self._ended - self._began
         self.step_s += EWMA * (step_s - self.step_s)
         self.wait_s += EWMA * (self._waited - self.wait_s)
@@ -94,6 +97,8 @@ class OffloadClient(RemoteAttention):
         times = StepTimes(dense, self._local, self._waited, self._exchanged)
         self.breakdown.ewma(times)
         self.recent.append(times)
+        self._began = self._ended
+        return times
 
     def submit(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.device = q.device

@@ -57,6 +57,9 @@ from adrenaline.transport.shm_segment import (
 )
 
 LAYER_NONE = MASK  # a request that only carries metadata (frees)
+# The decode side polls this long for an output before it sleeps: it waits within a step, on a core
+# of its own, and a sleep costs a wake-up (tens of microseconds on a VM) on every layer it happens.
+WAIT_SPIN_S = 0.003
 
 
 @dataclass
@@ -75,7 +78,7 @@ class ShmChannel:
 
     def __init__(self, name: str, mm: mmap.mmap, layout: ShmLayout, creator: bool, timeout_s: float) -> None:
         self.name, self.mm, self.layout, self.creator = name, mm, layout, creator
-        self.timeout_s, self.spin_s = timeout_s, SPIN_S
+        self.timeout_s, self.spin_s = timeout_s, WAIT_SPIN_S if creator else SPIN_S
         self.words = memoryview(mm)[:CONTROL_BYTES].cast("I")
         self._anchor = ctypes.c_char.from_buffer(mm)  # the mapping's address, for the futex calls
         base = ctypes.addressof(self._anchor)

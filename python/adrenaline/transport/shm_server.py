@@ -2,7 +2,9 @@
 
 ``ShmServer`` runs one thread per decode instance, so a slow or dead one never delays another.
 Each thread sleeps on its channel's futex while idle (it polls, yielding its core, for ``spin_s``
-after a request only), starts layer *l* as soon as its q|k|v lands, and leaves when the peer closes or dies,
+after a request only: it shares cores with the prefill, which must get them whenever the executor
+has nothing to compute; its raised priority, ``offload.process``, makes its wake-up preempt the
+prefill instead), starts layer *l* as soon as its q|k|v lands, and leaves when the peer closes or dies,
 or when the server closes. The work itself is two callables, so any executor can plug in:
 
 - ``begin(meta)``: once per step, before its first layer (also for frees-only messages, whose
