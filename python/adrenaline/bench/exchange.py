@@ -30,7 +30,6 @@ from adrenaline.offload.shm import ShmExchange
 from adrenaline.transport import Transport, create_transport
 from adrenaline.transport.shm_segment import ShmLayout
 
-
 PAGE = 16
 
 
@@ -45,7 +44,9 @@ class ExecutorRig:
         pages = -(-tokens // PAGE) * rows + 1
         pool = KVPool(mc, pages, PAGE, dtype, device)
         self.backend = "flashinfer" if device == "cuda" else "torch"
-        self.process, self.address = start_executor(pool, h, hkv, self.backend, (transport, "127.0.0.1", None))
+        self.process, self.address = start_executor(
+            pool, h, hkv, self.backend, (transport, "127.0.0.1", None)
+        )
         self.local_pool = KVPool(mc, pages, PAGE, dtype, device)
         self.transport = create_transport(transport, "127.0.0.1", None)
         link = ExecutorLink(self.transport, self.address, self.local_pool, pool, ask_timeout_s=30)

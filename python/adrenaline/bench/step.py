@@ -73,7 +73,9 @@ def main() -> None:
         f"{os.cpu_count()} cores, decode on core {cores[-1]}, executor on core {cores[0]}; {args.dtype}, "
         f"context {args.context}, {args.exchange} exchange, median of {args.steps} steps"
     )
-    print("| batch | offloaded | step p50 (ms) | vs all local | dense | local attn | executor wait | exchange |")
+    print(
+        "| batch | offloaded | step p50 (ms) | vs all local | dense | local attn | executor wait | exchange |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for b in args.batch_sizes:
