@@ -44,10 +44,12 @@ class Cluster:
         pd_timeout: float = 60.0,
         offload_timeout: float = 60.0,
         exchange: str = "tcp",  # the decode side's per-layer data path: tcp, or shm (shared memory)
+        decode_tokens: int = ENGINE_ARGS["max_total_tokens"],  # the decode instance's KV pool
     ) -> None:
         self.net = MemoryNetwork()
         self.emitted: dict[str, list[Req]] = {"prefill": [], "decode": []}
-        pe, de = Engine(model, **ENGINE_ARGS), Engine(model, **ENGINE_ARGS)
+        pe = Engine(model, **ENGINE_ARGS)
+        de = Engine(model, **{**ENGINE_ARGS, "max_total_tokens": decode_tokens})
         self.p_sched = pe.scheduler
         pt, dt = self.net.endpoint(), self.net.endpoint()
         self.executor, link = None, None

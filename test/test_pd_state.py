@@ -119,6 +119,23 @@ def test_executor_full_runs_here(cluster, want):
     cluster.assert_clean()
 
 
+@pytest.mark.parametrize("cluster", [{"offload_ratio": 1.0, "decode_tokens": 96}], indirect=True)
+def test_retraction_spares_offloaded_requests(cluster, model):
+    """A local request short of pages retracts local ones only: an offloaded request holds no page
+    here, so retracting it frees nothing, throws its executor KV away and makes it wait to be
+    recomputed here, in the very pool that is short."""
+    ids = random_prompts(8, 512, [20, 28, 12, 36], seed=5)
+    reqs = [cluster.add(f"r{i}", x, 40, room=i)[1] for i, x in enumerate(ids)]
+    cluster.run(lambda: finished(*reqs))
+    outs = Engine(model, **ENGINE_ARGS).generate(input_ids=ids, sampling_params=[params(40)] * 8)
+    assert [r.output_ids for r in reqs] == [o["output_ids"] for o in outs]
+    assert cluster.d_sched.stats.retractions > 0  # the local pool was short
+    offloaded = [r for r in reqs if r.extra.get("attention_offloaded")]
+    assert offloaded and not [r.rid for r in offloaded if r.retractions]
+    assert cluster.d_sched.placement.stats.fallbacks == 0
+    cluster.assert_clean()
+
+
 @pytest.mark.parametrize(
     "cluster",
     [{"offload_ratio": float("inf"), "offload_timeout": 1.0, "exchange": x} for x in ("tcp", "shm")],

@@ -186,7 +186,9 @@ class Scheduler:
             req = self.running[i]
             n = min(req.seq_len - req.num_computed, budget)
             while not self._reserve(req, req.num_computed + n):
-                victim = self.running[-1]
+                # the newest request holding pages here (``req`` itself, at worst): one placed
+                # elsewhere frees none, and would be recomputed in this very pool
+                victim = next(r for r in reversed(self.running) if self.placement.is_local(r))
                 self._retract(victim)
                 if victim is req:
                     break
