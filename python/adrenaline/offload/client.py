@@ -33,6 +33,10 @@ class StepTimes:
     local_attention_s: float = 0.0  # from each layer's submit to its wait: the local group's attention
     executor_wait_s: float = 0.0  # blocked on outputs: the executor's attention and the answer
     exchange_s: float = 0.0  # announcing the step and shipping q|k|v (packing, sending, doorbells)
+    # Not a share of the step (it runs on the executor, alongside): the executors' own attention
+    # time, reported with each output (the slowest group's, per layer). executor_wait less what of it
+    # local_attention did not hide is the transport's cost.
+    executor_attention_s: float = 0.0
 
     def ewma(self, new: StepTimes) -> None:
         for f in fields(self):
@@ -79,7 +83,7 @@ class OffloadClient(RemoteAttention):
         self.end_step()
         self.step += 1
         self._began = time.perf_counter()
-        self._waited = self._local = 0.0
+        self._waited = self._local = self._executor = 0.0
         for g in self.groups:
             g.seq_lens = batch.seq_lens[g.start : g.start + len(g.rooms)]
         self.exchange.begin(self.step, self.groups, self.frees)
@@ -94,7 +98,7 @@ class OffloadClient(RemoteAttention):
         self.step_s += EWMA * (step_s - self.step_s)
         self.wait_s += EWMA * (self._waited - self.wait_s)
         dense = max(step_s - self._waited - self._local - self._exchanged, 0.0)
-        times = StepTimes(dense, self._local, self._waited, self._exchanged)
+        times = StepTimes(dense, self._local, self._waited, self._exchanged, self._executor)
         self.breakdown.ewma(times)
         self.recent.append(times)
         self._began = self._ended
@@ -110,7 +114,11 @@ class OffloadClient(RemoteAttention):
     def wait(self, layer: int) -> torch.Tensor:
         tic = time.perf_counter()
         self._local += tic - self._submitted
-        outs = [self.exchange.wait(self.step, layer, g, self.timeout_s).to(self.device) for g in self.groups]
+        outs, executor_s = [], 0.0
+        for g in self.groups:
+            outs.append(self.exchange.wait(self.step, layer, g, self.timeout_s).to(self.device))
+            executor_s = max(executor_s, self.exchange.executor_s)
+        self._executor += executor_s
         self._ended = time.perf_counter()
         self._waited += self._ended - tic
         return outs[0] if len(outs) == 1 else torch.cat(outs)

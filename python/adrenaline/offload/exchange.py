@@ -42,6 +42,7 @@ class Group:
 class AttentionExchange(ABC):
     def __init__(self) -> None:
         self.executor_pages: dict[str, tuple[int, int]] = {}  # executor -> last (used, total) pages
+        self.executor_s = 0.0  # the executor's compute time for the output ``wait`` last returned
 
     @abstractmethod
     def begin(self, step: int, groups: Sequence[Group], frees: dict[str, list[int]]) -> None:
@@ -105,6 +106,7 @@ class TransportExchange(AttentionExchange):
         if isinstance(answer, AttnError):
             raise RemoteAttentionError(f"attention executor {group.executor}: {answer.message}")
         self.executor_pages[group.executor] = (answer.used_pages, answer.num_pages)
+        self.executor_s = answer.attend_us * 1e-6
         return msg.tensors[0]
 
     def free(self, executor: str, rooms: list[int]) -> None:

@@ -175,11 +175,15 @@ class AttentionExecutor:
             OFFLOAD.send(self.transport, peer, AttnError(m.step, m.layer, error))
             return
         h, hkv, _ = self.heads
+        tic = time.perf_counter()
         q, k, v = qkv.to(self.pool.device).split([h, hkv, hkv], dim=1)
         out = plan.backend.forward(m.layer, q, k, v)
+        attend_us = round((time.perf_counter() - tic) * 1e6)
         self.layers_served += 1
         a = self.allocator
-        OFFLOAD.send(self.transport, peer, AttnOut(m.step, m.layer, a.num_used, a.num_pages), [out])
+        OFFLOAD.send(
+            self.transport, peer, AttnOut(m.step, m.layer, a.num_used, a.num_pages, attend_us), [out]
+        )
 
     # ---- the shared-memory fast path ------------------------------------------------------------
     def _attach(self, peer: str, m: ShmOffer) -> None:

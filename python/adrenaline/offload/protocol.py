@@ -59,6 +59,7 @@ class AttnOut(Struct):  # + one tensor: [rows, H, D]
     layer: int
     used_pages: int  # the executor's KV usage after this layer
     num_pages: int
+    attend_us: int = 0  # the executor's own time computing this layer's attention
 
 
 class AttnError(Struct):

@@ -142,9 +142,11 @@ class ShmExchange(AttentionExchange):
         if ch is None or len(group.rooms) > self.layout.max_rows:
             return self.tcp.wait(step, layer, group, timeout_s)
         try:
-            return ch.wait(layer).clone()  # the view is reused two layers on
+            out = ch.wait(layer).clone()  # the view is reused two layers on
         except TransportError as e:
             raise self._broke(group.executor, e) from e
+        self.executor_s = ch.attend_s
+        return out
 
     def free(self, executor: str, rooms: list[int]) -> None:
         ch = self.channels.get(executor)

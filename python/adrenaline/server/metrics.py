@@ -53,7 +53,8 @@ class SchedulerMetrics:
             self.offload_step = Histogram(
                 "adrenaline:offload_step_seconds",
                 "Per offloaded decode step: dense, local_attention, executor_wait (blocked on the "
-                "executor's outputs) and exchange (announcing the step, shipping q|k|v) seconds.",
+                "executor's outputs) and exchange (announcing the step, shipping q|k|v) seconds; "
+                "and executor_attention, the executors' own attention time (alongside, not a part).",
                 labelnames=[*names, "part"],
                 buckets=STEP_BUCKETS,
             )

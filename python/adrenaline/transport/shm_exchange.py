@@ -31,6 +31,7 @@ from adrenaline.transport.shm_segment import (
     ERR_BYTES,
     ERR_OFFSET,
     PROTOCOL_VERSION,
+    S_ATTEND_US,
     S_ERRLEN,
     S_LAYER,
     S_META,
@@ -58,8 +59,9 @@ from adrenaline.transport.shm_segment import (
 
 LAYER_NONE = MASK  # a request that only carries metadata (frees)
 # The decode side polls this long for an output before it sleeps: it waits within a step, on a core
-# of its own, and a sleep costs a wake-up (tens of microseconds on a VM) on every layer it happens.
-WAIT_SPIN_S = 0.003
+# its scheduler owns, and a futex sleep costs a wake-up (tens of microseconds on a VM) on every
+# layer. The executor polls only ``SPIN_S``: its cores are the prefill's.
+WAIT_SPIN_S = 0.001
 
 
 @dataclass
@@ -105,8 +107,9 @@ class ShmChannel:
         w, b = self.words, W_SLOT + slot * SLOT_WORDS
         return w[b + S_NO], w[b + S_LAYER], w[b + S_ROWS], bool(w[b + S_META])
 
-    def write_status(self, slot: int, error: str) -> None:
+    def write_status(self, slot: int, error: str, attend_s: float = 0.0) -> None:
         b = W_SLOT + slot * SLOT_WORDS
+        self.words[b + S_ATTEND_US] = min(round(attend_s * 1e6), MASK)
         if error:
             text = error.encode()[:ERR_BYTES]
             off = ERR_OFFSET + slot * ERR_BYTES
@@ -169,6 +172,7 @@ class ShmClientChannel(ShmChannel):
         self._slot_layer: list[int | None] = [None, None]  # the layer each slot carries this step
         self._slot_no = [0, 0]  # its request number
         self._shapes = (torch.Size((0,)),) * 2
+        self.attend_s = 0.0  # the executor's compute time for the output ``wait`` last returned
 
     @classmethod
     def create(cls, layout: ShmLayout, timeout_s: float) -> ShmClientChannel:
@@ -268,6 +272,7 @@ class ShmClientChannel(ShmChannel):
         error = self.read_error(s)
         if error:
             raise TransportError(f"attention executor: {error}")
+        self.attend_s = self.words[W_SLOT + s * SLOT_WORDS + S_ATTEND_US] * 1e-6
         self._landed(s)
         return self._views[s][1]
 

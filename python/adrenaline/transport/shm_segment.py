@@ -40,7 +40,7 @@ W_CLOSED = 10  # W_CLOSED + 0: the creator closed, + 1: the attacher closed (one
 W_ATTACHED, W_REQ, W_RESP = 12, 14, 16  # doorbells: attach done, requests posted, responses done
 W_META_STEP, W_META_ROWS, W_META_FREES = 18, 19, 20
 W_SLOT, SLOT_WORDS = 24, 8  # per slot, below
-S_NO, S_LAYER, S_ROWS, S_STEP, S_META, S_STATUS, S_ERRLEN = range(7)
+S_NO, S_LAYER, S_ROWS, S_STEP, S_META, S_STATUS, S_ERRLEN, S_ATTEND_US = range(8)
 
 
 class ShmLayoutError(TransportError):

@@ -1,7 +1,7 @@
 """The executor side of the shared-memory exchange: attach to decode instances' channels and serve.
 
 ``ShmServer`` runs one thread per decode instance, so a slow or dead one never delays another.
-Each thread sleeps on its channel's futex while idle (it polls, yielding its core, for ``spin_s``
+Each thread sleeps on its channel's futex while idle (it polls, briefly, for ``spin_s``
 after a request only: it shares cores with the prefill, which must get them whenever the executor
 has nothing to compute; its raised priority, ``offload.process``, makes its wake-up preempt the
 prefill instead), starts layer *l* as soon as its q|k|v lands, and leaves when the peer closes or dies,
@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -118,14 +119,16 @@ class ShmExecutorChannel(ShmChannel):
         """The current request's q, k, v."""
         return self._views[self.slot][:3]
 
-    def reply(self, out: torch.Tensor | None, error: str = "") -> None:
+    def reply(self, out: torch.Tensor | None, error: str = "", attend_s: float = 0.0) -> None:
+        """Answer the current request; ``attend_s``: the time its attention took (the decode side
+        tells the exchange's own cost from the executor's with it)."""
         if out is not None and not error:
             view = self._views[self.slot][3]
             if out.shape != view.shape:
                 raise ValueError(f"attention output {tuple(out.shape)}, expected {tuple(view.shape)}")
             view.copy_(out)
             self._published(self.slot)
-        self.write_status(self.slot, error)
+        self.write_status(self.slot, error, attend_s)
         self.served = (self.served + 1) & MASK
         self.resp.ring(self.served)
 
@@ -142,7 +145,7 @@ class ShmServer:
         spin_s: float = SPIN_S,
     ) -> None:
         """``device``: where attention runs; a CUDA one accepts CUDA IPC offers. ``spin_s``: how
-        long a thread polls (yielding its core) for the next layer before it sleeps."""
+        long a thread polls for the next layer before it sleeps."""
         self.attend, self.begin, self.on_close = attend, begin, on_close
         self.device, self.spin_s = torch.device(device), spin_s
         if self.device.type == "cuda" and self.device.index is None:
@@ -190,7 +193,9 @@ class ShmServer:
                     ch.reply(None, error)
                     continue
                 try:
-                    ch.reply(self.attend(ch.step, layer, *ch.inputs()))
+                    tic = time.perf_counter()
+                    out = self.attend(ch.step, layer, *ch.inputs())
+                    ch.reply(out, attend_s=time.perf_counter() - tic)
                 except TransportError:
                     raise
                 except Exception as e:  # the decode side recomputes; the channel stays up
