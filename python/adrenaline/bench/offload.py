@@ -14,6 +14,7 @@ usage, and the throughput ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 
 from adrenaline.bench.pd import internal_state, pd_pair
@@ -73,7 +74,9 @@ def main() -> None:
     }
     rows, tput = [], {}
     for mode, (prefill_extra, decode_extra) in modes.items():
-        with pd_pair(extra, args.log_dir, prefill_extra, decode_extra) as (router, decode, prefill):
+        slug = mode.replace(" + ", "_").replace(" ", "_")  # each deployment's logs apart
+        logs = None if args.log_dir is None else os.path.join(args.log_dir, slug)
+        with pd_pair(extra, logs, prefill_extra, decode_extra) as (router, decode, prefill):
             before = internal_state(decode)["stats"]
             watch = ExecutorWatch(prefill)
             res = run_client(router, model, args)
