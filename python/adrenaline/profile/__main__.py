@@ -24,11 +24,17 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     ap.add_argument("--output", default=None, help="profile JSON path (default: the per-machine cache)")
     ap.add_argument("--executor-threads", type=int, default=1, help="the executor's share the curves price")
+    ap.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        help="the decode instance's threads (default: all cores here; 1 for a decode pinned to one core)",
+    )
     ap.add_argument("--quick", action="store_true", help="two points per axis (seconds, for tests)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     model_path = resolve_model_path(args.model_path)
-    profile = run_profile(model_path, args.dtype, args.executor_threads, args.quick)
+    profile = run_profile(model_path, args.dtype, args.executor_threads, args.quick, args.decode_threads)
     out = (
         Path(args.output) if args.output else default_profile_path(model_path, profile.dtype, profile.device)
     )

@@ -77,11 +77,18 @@ class Rig:
             torch.randn(rows, mc.num_kv_heads, mc.head_dim, **kw),
         )
 
-    def dense_ms(self, batch: int, reps: int) -> float:
-        """A whole decode step (all layers, logits) with attention replaced by the identity on q."""
+    def dense_ms(self, batch: int, reps: int, threads: int | None = None) -> float:
+        """A whole decode step (all layers, logits) with attention replaced by the identity on q, at
+        ``threads`` threads (the decode instance's; default: torch's current setting)."""
         ids = torch.zeros(batch, dtype=torch.long, device=self.device)
         pos = torch.full((batch,), 64, dtype=torch.long, device=self.device)
-        return best_ms(lambda: self.model(ids, pos, lambda layer, q, k, v: q), reps)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            with torch.inference_mode():
+                return best_ms(lambda: self.model(ids, pos, lambda layer, q, k, v: q), reps)
+        finally:
+            torch.set_num_threads(before)
 
     def attention_ms(self, batch: int, context: int, threads: int, reps: int, layers: int = 4) -> float:
         """One layer of decode attention (plan amortised over ``layers``) at ``threads`` threads."""

@@ -57,11 +57,18 @@ class Plan:
 
 
 def run_profile(
-    model_path: str, dtype: str = "auto", executor_threads: int = 1, quick: bool = False
+    model_path: str,
+    dtype: str = "auto",
+    executor_threads: int = 1,
+    quick: bool = False,
+    decode_threads: int | None = None,
 ) -> Profile:
+    """``decode_threads``: the decode instance's threads, which its dense work and local attention
+    run on (default: every core this process may use)."""
     plan = Plan.of(quick)
     cores = sorted(os.sched_getaffinity(0))
     executor_threads = min(executor_threads, len(cores))
+    decode_threads = min(decode_threads or len(cores), len(cores))
     rig = Rig(model_path, dtype, max(plan.attn_batches), max(plan.contexts))
     mc, grid_points = rig.mc, len(plan.attn_batches) * len(plan.contexts)
     total = len(plan.dense_batches) + 2 * grid_points + len(cores) + len(plan.exchange_rows) + len(cores)
@@ -79,8 +86,8 @@ def run_profile(
         ]
         return Grid(plan.attn_batches, plan.contexts, rising_grid(ms))
 
-    dense = [measure(rig.dense_ms, b, plan.reps) for b in plan.dense_batches]
-    local, executor = grid(len(cores)), grid(executor_threads)
+    dense = [measure(rig.dense_ms, b, plan.reps, decode_threads) for b in plan.dense_batches]
+    local, executor = grid(decode_threads), grid(executor_threads)
     ref = plan.attn_batches[len(plan.attn_batches) // 2], plan.contexts[len(plan.contexts) // 2]
     threads = list(range(1, len(cores) + 1))
     scaling = [measure(rig.attention_ms, *ref, t, plan.reps) for t in threads]
