@@ -27,10 +27,13 @@ class Server:
         threads: int | None = None,
         host: str = "127.0.0.1",
         netns: str | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
     ) -> None:
         """``threads``: torch threads of the scheduler (several servers on 2 cores: 1 each);
-        ``netns``: run it in that network namespace, listening on ``host`` (a test host)."""
+        ``netns``: run it in that network namespace, listening on ``host`` (a test host);
+        ``startup_timeout_s``: how long ``wait_ready`` waits (longer where several load at once)."""
         self.port = port or free_port()
+        self.startup_timeout_s = startup_timeout_s
         self.url = f"http://{host}:{self.port}"
         self.log_path = tmp / "server.log"
         cmd = [
@@ -68,14 +71,14 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             if "[adrenaline] ready at" in self.log_path.read_text(errors="replace"):
                 return
             time.sleep(1)
-        raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}")
+        raise RuntimeError(f"server not ready after {self.startup_timeout_s}s:\n{self.log_tail()}")
 
     def tree(self) -> list[psutil.Process]:
         try:

@@ -18,62 +18,25 @@ import requests
 
 pytest.importorskip("sglang_router")
 
-import server_utils  # noqa: E402
-from server_utils import Server, free_port, generate, internal_state, wait_kv_free, wait_until  # noqa: E402
+from pd_cluster import RouterPair  # noqa: E402
+from server_utils import generate, internal_state, wait_kv_free, wait_until  # noqa: E402
 
-from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
+from adrenaline.launch_pd import wait_serving  # noqa: E402
 
 PD_TIMEOUT_S = 60  # what a restarted prefill instance used to cost the first request
+OFFLOAD_TIMEOUT_S = 30  # what noticing a dead executor by its silence would cost each stream
 SP = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
-
-
-class Pair:
-    def __init__(self, tmp) -> None:
-        self.tmp = tmp
-        self.bootstrap, self.prefill_port = free_port(), free_port()
-        self.prefill = self._start_prefill("p0")
-        (tmp / "d").mkdir()
-        self.decode = Server(
-            tmp / "d", "--disaggregation-mode", "decode", "--attention-offload-ratio", "inf",
-            "--pd-timeout", str(PD_TIMEOUT_S), "--offload-timeout", "5", threads=1,
-        )  # fmt: skip
-        self.router = Cluster(str(tmp))
-        self.url = f"http://127.0.0.1:{free_port()}"
-
-    def _start_prefill(self, name: str) -> Server:
-        (self.tmp / name).mkdir()
-        return Server(
-            self.tmp / name, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-            str(self.bootstrap), "--enable-attention-offload", "--pd-timeout", str(PD_TIMEOUT_S),
-            port=self.prefill_port, threads=1,
-        )  # fmt: skip
-
-    def start(self) -> None:
-        for srv in (self.prefill, self.decode):
-            srv.wait_ready()
-        port = int(self.url.rsplit(":", 1)[1])
-        prefills = [(self.prefill.url, self.bootstrap)]
-        self.router.start("router", router_command("127.0.0.1", port, prefills, [self.decode.url]))
-        wait_serving(self.router, self.url, timeout_s=300)
-
-    def restart_prefill(self) -> None:
-        """kill -9 of the whole prefill instance, then the same command again."""
-        for p in self.prefill.tree():
-            p.kill()
-        self.prefill.stop(timeout=30)
-        self.prefill = self._start_prefill(f"p{time.monotonic_ns()}")
-        self.prefill.wait_ready()
-
-    def stop(self) -> None:
-        self.router.stop()
-        for srv in (self.prefill, self.decode):
-            srv.stop()
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    server_utils.STARTUP_TIMEOUT_S = 900  # three model loads on a busy machine
-    p = Pair(tmp_path_factory.mktemp("faults"))
+    p = RouterPair(
+        tmp_path_factory.mktemp("faults"),
+        ["--enable-attention-offload", "--pd-timeout", str(PD_TIMEOUT_S)],
+        ["--attention-offload-ratio", "inf", "--pd-timeout", str(PD_TIMEOUT_S),
+         "--offload-timeout", str(OFFLOAD_TIMEOUT_S)],
+        startup_timeout_s=900,  # three model loads on a busy machine
+    )  # fmt: skip
     try:
         p.start()
         yield p
@@ -81,15 +44,15 @@ def pair(tmp_path_factory):
         p.stop()
 
 
-def executor_state(pair: Pair) -> dict:
+def executor_state(pair: RouterPair) -> dict:
     return internal_state(pair.prefill)["disaggregation"]["executor"]
 
 
-def executors(pair: Pair) -> list[psutil.Process]:
+def executors(pair: RouterPair) -> list[psutil.Process]:
     return [p for p in pair.prefill.tree() if "attention_executor" in " ".join(p.cmdline())]
 
 
-def assert_clean(pair: Pair) -> None:
+def assert_clean(pair: RouterPair) -> None:
     assert wait_kv_free(pair.decode, 60)["kv_cache"]["num_used_pages"] == 0
     assert wait_kv_free(pair.prefill, 60)["kv_cache"]["num_used_pages"] == 0
     d = internal_state(pair.decode)["disaggregation"]
@@ -98,15 +61,17 @@ def assert_clean(pair: Pair) -> None:
     assert st["used_pages"] == 0 and internal_state(pair.prefill)["disaggregation"]["in_flight"] == 0
 
 
-def stream(url: str, ids: list[int], on_chunk) -> list[dict]:
-    chunks = []
+def stream(url: str, ids: list[int], on_chunk) -> tuple[list[dict], list[float]]:
+    """The stream's chunks and when each arrived (``time.monotonic``)."""
+    chunks, times = [], []
     body = {"input_ids": ids, "sampling_params": SP, "stream": True}
     with requests.post(url + "/generate", json=body, stream=True, timeout=240) as r:
         for line in r.iter_lines():
             if line and line != b"data: [DONE]":
                 chunks.append(json.loads(line.removeprefix(b"data: ")))
+                times.append(time.monotonic())
                 on_chunk(len(chunks))
-    return chunks
+    return chunks, times
 
 
 def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
@@ -119,8 +84,11 @@ def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
         if n == 2:
             old.kill()
 
-    chunks = stream(pair.url, ids, kill_at_second_chunk)
+    chunks, times = stream(pair.url, ids, kill_at_second_chunk)
     assert chunks[-1]["output_ids"] == want  # recomputed locally after the kill
+    # the death is seen when the process exits, not after the offload timeout: no stall near it
+    stall = max(b - a for a, b in zip(times[1:], times[2:]))
+    assert stall < OFFLOAD_TIMEOUT_S / 3, f"the stream stalled {stall:.1f} s after the executor died"
     st = wait_until(lambda: executor_state(pair), lambda st: st["restarts"] == 1 and not st["down"], 120)
     assert st["restarts"] == 1 and not st["down"]
     zombies = [p for p in pair.prefill.tree() if p.status() == psutil.STATUS_ZOMBIE]

@@ -191,10 +191,11 @@ class AttentionExecutor:
             error = f"{type(e).__name__}: {e}"
         OFFLOAD.send(self.transport, peer, ShmOfferReply(error))
 
-    def _shm_begin(self, meta: StepMeta) -> None:
+    def _shm_begin(self, meta: StepMeta) -> tuple[int, int]:
         self._free(meta.frees)
         if meta.rooms:
             self.steps[meta.peer] = self._plan(meta.peer, meta.step, meta.rooms, meta.seq_lens)
+        return self.allocator.num_used, self.allocator.num_pages
 
     def _shm_attend(
         self, meta: StepMeta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

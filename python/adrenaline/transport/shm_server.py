@@ -5,10 +5,12 @@ Each thread sleeps on its channel's futex while idle (it polls, yielding its cor
 after a request only), starts layer *l* as soon as its q|k|v lands, and leaves when the peer closes or dies,
 or when the server closes. The work itself is two callables, so any executor can plug in:
 
-- ``begin(meta)``: once per step, before its first layer (also for frees-only messages, whose
-  ``rooms`` are empty): apply ``meta.frees``, then plan. Runs under ``ShmServer.lock``, which the
-  executor also holds where else it changes pages. Raising makes every layer of that step answer
-  with the error (the decode side recomputes those requests locally).
+- ``begin(meta) -> (used, total) | None``: once per step, before its first layer (also for
+  frees-only messages, whose ``rooms`` are empty): apply ``meta.frees``, then plan; returns the
+  executor's KV pages, which the decode side reads with the step's answers (its load view). Runs
+  under ``ShmServer.lock``, which the executor also holds where else it changes pages. Raising
+  makes every layer of that step answer with the error (the decode side recomputes those
+  requests locally).
 - ``attend(meta, layer, q, k, v) -> out``: [rows, H, D]. Runs concurrently for different decode
   instances. q/k/v are views on shared memory, valid until it returns.
 """
@@ -34,6 +36,8 @@ from adrenaline.transport.shm_segment import (
     W_META_FREES,
     W_META_ROWS,
     W_META_STEP,
+    W_PAGES_TOTAL,
+    W_PAGES_USED,
     ShmLayout,
     ShmLayoutError,
     check_header,
@@ -43,7 +47,7 @@ from adrenaline.transport.shm_segment import (
 
 logger = logging.getLogger(__name__)
 
-Begin = Callable[[StepMeta], None]
+Begin = Callable[[StepMeta], tuple[int, int] | None]
 Attend = Callable[[StepMeta, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -183,7 +187,7 @@ class ShmServer:
             while True:
                 layer, fresh = ch.next_request()
                 if fresh:
-                    error = self._begin(ch.step)
+                    error = self._begin(ch)
                 if layer == LAYER_NONE or error:
                     ch.reply(None, error)
                     continue
@@ -204,12 +208,15 @@ class ShmServer:
             if self.on_close is not None:
                 self.on_close(ch.peer_name)
 
-    def _begin(self, meta: StepMeta) -> str:
+    def _begin(self, ch: ShmExecutorChannel) -> str:
+        meta = ch.step
         if self.begin is None:
             return ""
         try:
             with self.lock:
-                self.begin(meta)
+                pages = self.begin(meta)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
+        if pages is not None:
+            ch.words[W_PAGES_USED], ch.words[W_PAGES_TOTAL] = pages
         return ""
