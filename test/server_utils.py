@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -103,6 +104,27 @@ def generate(target: Server | str, **body) -> requests.Response:
     """POST /generate to a server (or a URL: a router's)."""
     url = target if isinstance(target, str) else target.url
     return requests.post(url + "/generate", json=body, timeout=180)
+
+
+def stream_generate(
+    url: str, body: dict, on_chunk: Callable[[int], None] = lambda n: None
+) -> tuple[list[dict], list[float]]:
+    """POST a streaming /generate; its chunks and when each arrived (``time.monotonic``).
+    ``on_chunk(n)`` runs after the n-th chunk (a test's fault injection point)."""
+    chunks, times = [], []
+    with requests.post(url + "/generate", json={**body, "stream": True}, stream=True, timeout=240) as r:
+        for line in r.iter_lines():
+            if line and line != b"data: [DONE]":
+                chunks.append(json.loads(line.removeprefix(b"data: ")))
+                times.append(time.monotonic())
+                on_chunk(len(chunks))
+    return chunks, times
+
+
+def assert_no_stall(times: list[float], timeout_s: float) -> None:
+    """A hang detector, not a performance target: no gap between chunks comes near ``timeout_s``."""
+    gap = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    assert gap < timeout_s / 3, f"the stream stalled {gap:.1f} s (the timeout is {timeout_s} s)"
 
 
 def internal_state(server: Server) -> dict:

@@ -208,6 +208,27 @@ def test_unknown_room_and_dead_executor_raise(executor):
     decode.close()
 
 
+@pytest.mark.parametrize("kind", ["tcp", "shm"])
+def test_rooms_of_a_decode_peer_that_is_gone_are_freed(executor, kind):
+    """A decode instance dies with offloaded requests: the executor frees the rooms it stepped as
+    soon as its connection drops or its channel closes, not after ``ROOM_IDLE_S``."""
+    decode = ZmqTransport()
+    assert reserve(decode, executor, 7, 3) is not None
+    exchange = make_exchange(kind, decode, 30)
+    client = OffloadClient(exchange, timeout_s=30)
+    client.prepare([(executor.transport.address, 7)])
+    client.begin(AttentionBatch([1], [4], [[]], torch.tensor([-1])))
+    client.submit(0, torch.zeros(1, H, D), torch.zeros(1, HKV, D), torch.zeros(1, HKV, D))
+    client.wait(0)
+    assert list(executor.pages) == [7]
+    exchange.close()
+    decode.close()
+    deadline = time.monotonic() + 30
+    while executor.pages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert executor.pages == {} and executor.allocator.num_used == 0
+
+
 def test_executor_refuses_when_full(executor):
     t = ZmqTransport()
     assert len(reserve(t, executor, 1, 60 * PAGE)) == 60

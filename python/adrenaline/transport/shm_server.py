@@ -144,7 +144,8 @@ class ShmServer:
         spin_s: float = SPIN_S,
     ) -> None:
         """``device``: where attention runs; a CUDA one accepts CUDA IPC offers. ``spin_s``: how
-        long a thread polls (yielding its core) for the next layer before it sleeps."""
+        long a thread polls (yielding its core) for the next layer before it sleeps. ``on_close(peer)``:
+        the peer closed its channel or died (not called for channels this side replaced or removed)."""
         self.attend, self.begin, self.on_close = attend, begin, on_close
         self.device, self.spin_s = torch.device(device), spin_s
         if self.device.type == "cuda" and self.device.index is None:
@@ -203,10 +204,10 @@ class ShmServer:
         finally:
             ch.close()
             entry = self._channels.get(ch.peer_name)
-            if entry is not None and entry[0] is ch:
+            if entry is not None and entry[0] is ch:  # the peer left (not replaced, not removed)
                 self._channels.pop(ch.peer_name, None)
-            if self.on_close is not None:
-                self.on_close(ch.peer_name)
+                if self.on_close is not None:
+                    self.on_close(ch.peer_name)
 
     def _begin(self, ch: ShmExecutorChannel) -> str:
         meta = ch.step
