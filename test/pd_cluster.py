@@ -189,8 +189,8 @@ class ExecutorThread:
 
 class RouterPair:
     """A prefill and a decode instance (``prefill_args``/``decode_args`` added to their roles)
-    behind SGLang's router at ``url``; ``restart_prefill`` runs the same prefill command again on
-    the same ports, as an operator restarting a dead instance would."""
+    behind SGLang's router at ``url``; ``restart`` runs an instance's command again on the same
+    ports, as an operator restarting a dead instance would."""
 
     def __init__(
         self,
@@ -199,22 +199,24 @@ class RouterPair:
         decode_args: Sequence[str] = (),
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
     ) -> None:
-        self.tmp, self.prefill_args, self.startup_timeout_s = tmp, list(prefill_args), startup_timeout_s
-        self.bootstrap_port, self.prefill_port, self.port = free_port(), free_port(), free_port()
+        self.tmp, self.startup_timeout_s = tmp, startup_timeout_s
+        self.bootstrap_port, self.port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.incarnation = 0
-        self.prefill = self._start_prefill()
-        self.decode = self._server("d", "--disaggregation-mode", "decode", *decode_args)
+        self.args = {
+            "prefill": ["--disaggregation-bootstrap-port", str(self.bootstrap_port), *prefill_args],
+            "decode": list(decode_args),
+        }
+        self.ports = {role: free_port() for role in self.args}
+        self.incarnations = dict.fromkeys(self.args, 0)
+        self.prefill, self.decode = self._start("prefill"), self._start("decode")
         self.router = launch_pd.Cluster(str(tmp))
 
-    def _server(self, name: str, *args: str, port: int | None = None) -> Server:
-        (self.tmp / name).mkdir(exist_ok=True)
-        return Server(self.tmp / name, *args, port=port, threads=1, startup_timeout_s=self.startup_timeout_s)
-
-    def _start_prefill(self) -> Server:
-        return self._server(
-            f"p{self.incarnation}", "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-            str(self.bootstrap_port), *self.prefill_args, port=self.prefill_port,
+    def _start(self, role: str) -> Server:
+        name = f"{role}{self.incarnations[role]}"
+        (self.tmp / name).mkdir()
+        return Server(
+            self.tmp / name, "--disaggregation-mode", role, *self.args[role], port=self.ports[role],
+            threads=1, startup_timeout_s=self.startup_timeout_s,
         )  # fmt: skip
 
     def start(self) -> None:
@@ -227,14 +229,16 @@ class RouterPair:
         )
         launch_pd.wait_serving(self.router, self.url, timeout_s=self.startup_timeout_s)
 
-    def restart_prefill(self) -> None:
-        """kill -9 of the whole prefill instance (if still alive), then the same command again."""
-        for p in self.prefill.tree():
+    def restart(self, role: str) -> None:
+        """kill -9 of the whole instance (if still alive), then the same command again, ready."""
+        old: Server = getattr(self, role)
+        for p in old.tree():
             p.kill()
-        self.prefill.stop(timeout=30)
-        self.incarnation += 1
-        self.prefill = self._start_prefill()
-        self.prefill.wait_ready()
+        old.stop(timeout=30)
+        self.incarnations[role] += 1
+        new = self._start(role)
+        setattr(self, role, new)
+        new.wait_ready()
 
     def stop(self) -> None:
         self.router.stop()

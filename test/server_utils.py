@@ -113,6 +113,7 @@ def stream_generate(
     ``on_chunk(n)`` runs after the n-th chunk (a test's fault injection point)."""
     chunks, times = [], []
     with requests.post(url + "/generate", json={**body, "stream": True}, stream=True, timeout=240) as r:
+        r.raise_for_status()
         for line in r.iter_lines():
             if line and line != b"data: [DONE]":
                 chunks.append(json.loads(line.removeprefix(b"data: ")))

@@ -160,10 +160,19 @@ def test_kill_prefill_fails_in_flight_then_recovers(pair, engine):
         except requests.RequestException as e:
             results.append(repr(e))
 
+    def send_stream(x):
+        """The decode instance can still speak: its stream ends with an event saying why."""
+        body = {"input_ids": x, "sampling_params": sp, "stream": True}
+        with requests.post(pair.url + "/generate", json=body, stream=True, timeout=TIMEOUT_S + 60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+        last = events[-1] if events else {"cut": r.status_code}
+        results.append(last.get("error") or last.get("meta_info", {}).get("finish_reason") or last)
+
     # keep the prefill instance busy, then kill it with requests in flight
     slow = threading.Thread(target=send, args=(prompts(8)[7] * 6,))
     slow.start()
     threads = [threading.Thread(target=send, args=(x,)) for x in ids]
+    threads.append(threading.Thread(target=send_stream, args=(prompts(8)[6],)))
     for t in threads:
         t.start()
     time.sleep(0.3)
@@ -174,13 +183,15 @@ def test_kill_prefill_fails_in_flight_then_recovers(pair, engine):
         t.join(TIMEOUT_S + 30)
     assert all(not t.is_alive() for t in [slow, *threads]), "a request hung after its prefill instance died"
     assert any(r != 200 for r in results), results  # the killed ones fail, none hangs
+    [reason] = [r for r in results if isinstance(r, dict)]  # the stream's end: finished, or why not
+    assert reason.get("type") == "length" or reason.get("message"), reason
     st = wait_kv_free(pair.decode, timeout=TIMEOUT_S + 10)
     assert time.monotonic() - tic < TIMEOUT_S + 30
     assert st["kv_cache"]["num_used_pages"] == 0 and st["disaggregation"]["in_flight"] == 0
     # the decode instance is healthy on its own...
     assert requests.get(pair.decode.url + "/health_generate", timeout=60).status_code == 200
     # ...and serves through the router again once a prefill instance is back on the same ports
-    pair.restart_prefill()
+    pair.restart("prefill")
     wait_serving(pair.router, pair.url)
     r = generate(pair.url, input_ids=ids[0], sampling_params=sp)
     assert (

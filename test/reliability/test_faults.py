@@ -1,18 +1,22 @@
 """Faults through SGLang's router: a PD pair (prefill with its attention executor, decode offloading
-every request) loses its executor, then its prefill instance, to kill -9.
+every request over shared memory) loses its executor, then each instance is stopped (SIGSTOP),
+then the decode and the prefill instance are killed (-9) and restarted.
 
-The executor is reaped and respawned, requests in flight finish by local recomputation with the
-engine's tokens, and offloading resumes on the new executor. A prefill instance restarted with
-the same arguments and bootstrap port serves the first requests after it is healthy, well within
-``--pd-timeout``. Afterwards KV, rooms and executor pages are back to zero.
+The executor's death is seen when its process exits, not after ``--offload-timeout``: requests in
+flight finish by local recomputation with the engine's tokens, without a stall, and offloading
+resumes on the respawned executor. Stopped instances hold their streams, which then complete. A
+restarted instance serves the first requests after it is healthy, well within the timeouts.
+After each fault KV, rooms and executor pages are back to zero.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psutil
 import pytest
+import requests
 
 pytest.importorskip("sglang_router")
 
@@ -89,10 +93,80 @@ def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
     assert_clean(pair)
 
 
+def pids(pair: RouterPair, target: str) -> list[psutil.Process]:
+    return executors(pair) if target == "executor" else getattr(pair, target).tree()
+
+
+@pytest.mark.parametrize("target", ["executor", "decode", "prefill"])
+def test_a_stopped_instance_holds_its_stream_which_then_completes(pair, engine, target):
+    """SIGSTOP for 3 s, below every timeout: the executor and the decode instance mid-decode, the
+    prefill instance (whole tree) just after the request went out (its prompt, then its KV, in
+    flight). After SIGCONT the stream completes with the engine's tokens, with no fallback."""
+    wait_serving(pair.router, pair.url)
+    ids = list(range(500, 530))
+    want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
+    fallbacks = internal_state(pair.decode)["disaggregation"]["offload"]["fallbacks"]
+    stopped = pids(pair, target)
+    assert stopped
+
+    def pause() -> None:
+        for p in stopped:
+            p.suspend()
+        time.sleep(3)
+        for p in stopped:
+            p.resume()
+
+    timer = threading.Timer(0.2, pause) if target == "prefill" else None
+    body = {"input_ids": ids, "sampling_params": SP}
+    try:
+        if timer is not None:
+            timer.start()
+        chunks, _ = stream_generate(pair.url, body, lambda n: n == 2 and timer is None and pause())
+    finally:
+        if timer is not None:
+            timer.join()
+        for p in stopped:
+            p.resume()
+    assert chunks[-1]["output_ids"] == want
+    assert internal_state(pair.decode)["disaggregation"]["offload"]["fallbacks"] == fallbacks
+    assert_clean(pair)
+
+
+def test_decode_killed_mid_decode_then_restarted_serves_within_seconds(pair, engine):
+    """kill -9 of the decode instance mid-stream: the executor frees the dead instance's rooms at
+    once (its channel's peer died), the prefill holds nothing; restarted on the same port, the
+    router (``ROUTER_RESILIENCE``) serves through it again within seconds, not the minute its
+    default health checks would take."""
+    wait_serving(pair.router, pair.url)
+    ids = list(range(600, 630))
+    want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
+    killed = []
+
+    def kill_at_second_chunk(n: int) -> None:
+        if n == 2:
+            killed.extend(pair.decode.tree())
+            for p in killed:
+                p.kill()
+
+    try:
+        chunks, _ = stream_generate(pair.url, {"input_ids": ids, "sampling_params": SP}, kill_at_second_chunk)
+    except requests.RequestException:
+        chunks = []  # the body was cut: the instance that could say why is gone
+    assert killed and len(chunks) < SP["max_new_tokens"]
+    st = wait_until(lambda: executor_state(pair), lambda st: st["used_pages"] == 0, 30)
+    assert st["used_pages"] == 0 and st["requests"] == 0
+    pair.restart("decode")
+    wait_serving(pair.router, pair.url, timeout_s=20)
+    r = generate(pair.url, input_ids=ids, sampling_params=SP)
+    assert r.status_code == 200, r.text
+    assert r.json()["output_ids"] == want and r.json()["meta_info"]["attention_offloaded"] == [True]
+    assert_clean(pair)
+
+
 def test_restarted_prefill_serves_the_first_requests(pair, engine):
     ids = list(range(400, 420))
     want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
-    pair.restart_prefill()
+    pair.restart("prefill")
     tic = time.monotonic()
     wait_serving(pair.router, pair.url, timeout_s=PD_TIMEOUT_S * 2 / 3)  # a stall would take 60 s
     r = generate(pair.url, input_ids=ids, sampling_params=SP)
