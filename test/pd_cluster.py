@@ -1,14 +1,18 @@
-"""A PD pair (and an attention executor) in one process over an in-memory network, driven like the
-scheduler process's loop: the harness of the PD and offload state-machine tests."""
+"""PD pairs for the tests. ``Cluster``: a pair (and an attention executor) in one process over an
+in-memory network, driven like the scheduler process's loop: the harness of the PD and offload
+state-machine tests. ``RouterPair``: a live pair of servers behind SGLang's router."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from server_utils import STARTUP_TIMEOUT_S, Server
 
-from adrenaline import Engine
+from adrenaline import Engine, launch_pd
 from adrenaline.core.request import Bootstrap, Req, finish_abort
 from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.disaggregation.decode import DecodeTransfers
@@ -21,6 +25,7 @@ from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.manager import OffloadManager
 from adrenaline.offload.policy import StaticRatioPolicy
 from adrenaline.offload.shm import ShmExchange
+from adrenaline.procs import free_port
 from adrenaline.scheduler.hooks import SchedulerHooks
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.memory import MemoryNetwork
@@ -182,3 +187,62 @@ class ExecutorThread:
         self._serving.clear()
         self._thread.join(10)
         self.net.cut(self.executor.transport.address)
+
+
+class RouterPair:
+    """A prefill and a decode instance (``prefill_args``/``decode_args`` added to their roles)
+    behind SGLang's router at ``url``; ``restart`` runs an instance's command again on the same
+    ports, as an operator restarting a dead instance would."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        prefill_args: Sequence[str] = (),
+        decode_args: Sequence[str] = (),
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ) -> None:
+        self.tmp, self.startup_timeout_s = tmp, startup_timeout_s
+        self.bootstrap_port, self.port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = {
+            "prefill": ["--disaggregation-bootstrap-port", str(self.bootstrap_port), *prefill_args],
+            "decode": list(decode_args),
+        }
+        self.ports = {role: free_port() for role in self.args}
+        self.incarnations = dict.fromkeys(self.args, 0)
+        self.prefill, self.decode = self._start("prefill"), self._start("decode")
+        self.router = launch_pd.Cluster(str(tmp))
+
+    def _start(self, role: str) -> Server:
+        name = f"{role}{self.incarnations[role]}"
+        (self.tmp / name).mkdir()
+        return Server(
+            self.tmp / name, "--disaggregation-mode", role, *self.args[role], port=self.ports[role],
+            threads=1, startup_timeout_s=self.startup_timeout_s,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        """Wait for both instances, then start the router and wait until it serves."""
+        for srv in (self.prefill, self.decode):
+            srv.wait_ready()
+        prefills = [(self.prefill.url, self.bootstrap_port)]
+        self.router.start(
+            "router", launch_pd.router_command("127.0.0.1", self.port, prefills, [self.decode.url])
+        )
+        launch_pd.wait_serving(self.router, self.url, timeout_s=self.startup_timeout_s)
+
+    def restart(self, role: str) -> None:
+        """kill -9 of the whole instance (if still alive), then the same command again, ready."""
+        old: Server = getattr(self, role)
+        for p in old.tree():
+            p.kill()
+        old.stop(timeout=30)
+        self.incarnations[role] += 1
+        new = self._start(role)
+        setattr(self, role, new)
+        new.wait_ready()
+
+    def stop(self) -> None:
+        self.router.stop()
+        for srv in (self.prefill, self.decode):
+            srv.stop()

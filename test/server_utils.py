@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,10 +28,13 @@ class Server:
         threads: int | None = None,
         host: str = "127.0.0.1",
         netns: str | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
     ) -> None:
         """``threads``: torch threads of the scheduler (several servers on 2 cores: 1 each);
-        ``netns``: run it in that network namespace, listening on ``host`` (a test host)."""
+        ``netns``: run it in that network namespace, listening on ``host`` (a test host);
+        ``startup_timeout_s``: how long ``wait_ready`` waits (longer where several load at once)."""
         self.port = port or free_port()
+        self.startup_timeout_s = startup_timeout_s
         self.url = f"http://{host}:{self.port}"
         self.log_path = tmp / "server.log"
         cmd = [
@@ -68,14 +72,14 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             if "[adrenaline] ready at" in self.log_path.read_text(errors="replace"):
                 return
             time.sleep(1)
-        raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.log_tail()}")
+        raise RuntimeError(f"server not ready after {self.startup_timeout_s}s:\n{self.log_tail()}")
 
     def tree(self) -> list[psutil.Process]:
         try:
@@ -100,6 +104,28 @@ def generate(target: Server | str, **body) -> requests.Response:
     """POST /generate to a server (or a URL: a router's)."""
     url = target if isinstance(target, str) else target.url
     return requests.post(url + "/generate", json=body, timeout=180)
+
+
+def stream_generate(
+    url: str, body: dict, on_chunk: Callable[[int], None] = lambda n: None
+) -> tuple[list[dict], list[float]]:
+    """POST a streaming /generate; its chunks and when each arrived (``time.monotonic``).
+    ``on_chunk(n)`` runs after the n-th chunk (a test's fault injection point)."""
+    chunks, times = [], []
+    with requests.post(url + "/generate", json={**body, "stream": True}, stream=True, timeout=240) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line and line != b"data: [DONE]":
+                chunks.append(json.loads(line.removeprefix(b"data: ")))
+                times.append(time.monotonic())
+                on_chunk(len(chunks))
+    return chunks, times
+
+
+def assert_no_stall(times: list[float], timeout_s: float) -> None:
+    """A hang detector, not a performance target: no gap between chunks comes near ``timeout_s``."""
+    gap = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    assert gap < timeout_s / 3, f"the stream stalled {gap:.1f} s (the timeout is {timeout_s} s)"
 
 
 def internal_state(server: Server) -> dict:

@@ -8,7 +8,8 @@ shared memory (same host: the default, ``auto``), except for the "all" instance,
 (the in-process tests in test_pd_state.py cover both paths at other ratios). Outputs must equal
 the offline ``Engine`` (greedy, float32) token for token; offloaded requests move no KV to the
 decode side; the executor's KV is free once requests finish or are aborted. The last test kills
-the executor mid-decode: the decode instance recomputes locally and keeps serving.
+the executor mid-decode: the decode instance sees it die at once (its TCP connection closes; no
+stall near ``--offload-timeout``), recomputes locally and keeps serving.
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 pytest.importorskip("sglang_router")
 
-from server_utils import Server, free_port, generate, internal_state, wait_kv_free, wait_until  # noqa: E402
+from server_utils import (  # noqa: E402
+    Server,
+    assert_no_stall,
+    free_port,
+    generate,
+    internal_state,
+    stream_generate,
+    wait_kv_free,
+    wait_until,
+)
 
 from adrenaline.core.profile import Curve, Grid, Profile, save_profile  # noqa: E402
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 
 TIMEOUT_S = 20
+OFFLOAD_TIMEOUT_S = 30  # far above what noticing a dead executor may take (its connection closes)
 RATIOS = {"none": "0", "half": "0.5", "all": "inf"}
 POLICIES = [*RATIOS, "load-aware"]
 OVER_TCP = {"all"}  # --offload-exchange tcp; the others use the default (shared memory here)
@@ -53,7 +63,7 @@ class Deployment:
             exchange = "tcp" if name in OVER_TCP else "auto"
             self.decodes[name] = Server(
                 tmp / name, "--disaggregation-mode", "decode", *policy, "--offload-exchange", exchange,
-                "--pd-timeout", str(TIMEOUT_S), "--offload-timeout", "3", threads=1,
+                "--pd-timeout", str(TIMEOUT_S), "--offload-timeout", str(OFFLOAD_TIMEOUT_S), threads=1,
             )  # fmt: skip
         self.routers = Cluster(str(tmp))
 
@@ -160,20 +170,20 @@ def test_abort_frees_executor_kv(dep):
 def test_executor_killed_mid_decode_recomputes_locally(dep, engine):
     ids = list(range(200, 230))
     sp = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
-    body = {"input_ids": ids, "sampling_params": sp, "stream": True}
-    chunks = []
-    with requests.post(dep.urls["all"] + "/generate", json=body, stream=True, timeout=180) as r:
-        for line in r.iter_lines():
-            if not line or line == b"data: [DONE]":
-                continue
-            chunks.append(json.loads(line.removeprefix(b"data: ")))
-            if len(chunks) == 2:  # decoding on the executor: kill it
-                victims = [p for p in dep.prefill.tree() if "attention_executor" in " ".join(p.cmdline())]
-                assert victims, "no attention executor process found"
-                for p in victims:
-                    p.kill()
+
+    def kill_at_second_chunk(n: int) -> None:  # decoding on the executor: kill it
+        if n == 2:
+            victims = [p for p in dep.prefill.tree() if "attention_executor" in " ".join(p.cmdline())]
+            assert victims, "no attention executor process found"
+            for p in victims:
+                p.kill()
+
+    chunks, times = stream_generate(
+        dep.urls["all"], {"input_ids": ids, "sampling_params": sp}, kill_at_second_chunk
+    )
     want = engine.generate(input_ids=ids, sampling_params=sp)["output_ids"]
     assert chunks[-1]["output_ids"] == want
+    assert_no_stall(times[1:], OFFLOAD_TIMEOUT_S)  # its closed connection is seen, not its silence
     st = internal_state(dep.decodes["all"])["disaggregation"]
     assert st["offload"]["fallbacks"] >= 1
     # new requests are still served (locally now), identical to the engine

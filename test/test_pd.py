@@ -25,9 +25,10 @@ import requests
 
 pytest.importorskip("sglang_router")
 
+from pd_cluster import RouterPair  # noqa: E402
 from server_utils import Server, free_port, generate, internal_state, spawn, wait_kv_free  # noqa: E402
 
-from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
+from adrenaline.launch_pd import wait_serving  # noqa: E402
 
 TIMEOUT_S = 20  # --pd-timeout of the pair
 LENGTHS = [3, 17, 64, 150, 5, 90, 33, 250]
@@ -37,46 +38,15 @@ def pd_state(srv: Server) -> dict:
     return internal_state(srv)["disaggregation"]
 
 
-class Pair:
-    def __init__(self, tmp) -> None:
-        self.tmp = tmp
-        self.bootstrap_port = free_port()
-        self.prefill = self._prefill()
-        self.decode = Server(
-            tmp / "d", "--disaggregation-mode", "decode", "--pd-timeout", str(TIMEOUT_S), threads=1
-        )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.router = Cluster(str(tmp))
-
-    def _prefill(self, port: int | None = None) -> Server:
-        (self.tmp / "p").mkdir(exist_ok=True)
-        return Server(
-            self.tmp / "p", "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-            str(self.bootstrap_port), "--pd-timeout", str(TIMEOUT_S), "--chunked-prefill-size", "64",
-            port=port, threads=1,
-        )  # fmt: skip
-
-    def start_router(self) -> None:
-        prefills = [(self.prefill.url, self.bootstrap_port)]
-        self.router.start("router", router_command("127.0.0.1", self.port, prefills, [self.decode.url]))
-        wait_serving(self.router, self.url)
-
-    def stop(self) -> None:
-        self.router.stop()
-        for srv in (self.prefill, self.decode):
-            srv.stop()
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pd")
-    (tmp / "d").mkdir()
-    p = Pair(tmp)
+    p = RouterPair(
+        tmp_path_factory.mktemp("pd"),
+        ["--pd-timeout", str(TIMEOUT_S), "--chunked-prefill-size", "64"],
+        ["--pd-timeout", str(TIMEOUT_S)],
+    )
     try:
-        p.prefill.wait_ready()
-        p.decode.wait_ready()
-        p.start_router()
+        p.start()
         yield p
     finally:
         p.stop()
@@ -190,10 +160,19 @@ def test_kill_prefill_fails_in_flight_then_recovers(pair, engine):
         except requests.RequestException as e:
             results.append(repr(e))
 
+    def send_stream(x):
+        """The decode instance can still speak: its stream ends with an event saying why."""
+        body = {"input_ids": x, "sampling_params": sp, "stream": True}
+        with requests.post(pair.url + "/generate", json=body, stream=True, timeout=TIMEOUT_S + 60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+        last = events[-1] if events else {"cut": r.status_code}
+        results.append(last.get("error") or last.get("meta_info", {}).get("finish_reason") or last)
+
     # keep the prefill instance busy, then kill it with requests in flight
     slow = threading.Thread(target=send, args=(prompts(8)[7] * 6,))
     slow.start()
     threads = [threading.Thread(target=send, args=(x,)) for x in ids]
+    threads.append(threading.Thread(target=send_stream, args=(prompts(8)[6],)))
     for t in threads:
         t.start()
     time.sleep(0.3)
@@ -204,15 +183,15 @@ def test_kill_prefill_fails_in_flight_then_recovers(pair, engine):
         t.join(TIMEOUT_S + 30)
     assert all(not t.is_alive() for t in [slow, *threads]), "a request hung after its prefill instance died"
     assert any(r != 200 for r in results), results  # the killed ones fail, none hangs
+    [reason] = [r for r in results if isinstance(r, dict)]  # the stream's end: finished, or why not
+    assert reason.get("type") == "length" or reason.get("message"), reason
     st = wait_kv_free(pair.decode, timeout=TIMEOUT_S + 10)
     assert time.monotonic() - tic < TIMEOUT_S + 30
     assert st["kv_cache"]["num_used_pages"] == 0 and st["disaggregation"]["in_flight"] == 0
     # the decode instance is healthy on its own...
     assert requests.get(pair.decode.url + "/health_generate", timeout=60).status_code == 200
     # ...and serves through the router again once a prefill instance is back on the same ports
-    pair.prefill.log.close()
-    pair.prefill = pair._prefill(port=pair.prefill.port)
-    pair.prefill.wait_ready()
+    pair.restart("prefill")
     wait_serving(pair.router, pair.url)
     r = generate(pair.url, input_ids=ids[0], sampling_params=sp)
     assert (

@@ -1,15 +1,17 @@
 """Faults through SGLang's router: a PD pair (prefill with its attention executor, decode offloading
-every request) loses its executor, then its prefill instance, to kill -9.
+every request over shared memory) loses its executor, then each instance is stopped (SIGSTOP),
+then the decode and the prefill instance are killed (-9) and restarted.
 
-The executor is reaped and respawned, requests in flight finish by local recomputation with the
-engine's tokens, and offloading resumes on the new executor. A prefill instance restarted with
-the same arguments and bootstrap port serves the first requests after it is healthy, well within
-``--pd-timeout``. Afterwards KV, rooms and executor pages are back to zero.
+The executor's death is seen when its process exits, not after ``--offload-timeout``: requests in
+flight finish by local recomputation with the engine's tokens, without a stall, and offloading
+resumes on the respawned executor. Stopped instances hold their streams, which then complete. A
+restarted instance serves the first requests after it is healthy, well within the timeouts.
+After each fault KV, rooms and executor pages are back to zero.
 """
 
 from __future__ import annotations
 
-import json
+import threading
 import time
 
 import psutil
@@ -18,62 +20,25 @@ import requests
 
 pytest.importorskip("sglang_router")
 
-import server_utils  # noqa: E402
-from server_utils import Server, free_port, generate, internal_state, wait_kv_free, wait_until  # noqa: E402
+from pd_cluster import RouterPair  # noqa: E402
+from server_utils import assert_no_stall, generate, internal_state, stream_generate, wait_kv_free, wait_until  # noqa: E402
 
-from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
+from adrenaline.launch_pd import wait_serving  # noqa: E402
 
 PD_TIMEOUT_S = 60  # what a restarted prefill instance used to cost the first request
+OFFLOAD_TIMEOUT_S = 30  # what noticing a dead executor by its silence would cost each stream
 SP = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
-
-
-class Pair:
-    def __init__(self, tmp) -> None:
-        self.tmp = tmp
-        self.bootstrap, self.prefill_port = free_port(), free_port()
-        self.prefill = self._start_prefill("p0")
-        (tmp / "d").mkdir()
-        self.decode = Server(
-            tmp / "d", "--disaggregation-mode", "decode", "--attention-offload-ratio", "inf",
-            "--pd-timeout", str(PD_TIMEOUT_S), "--offload-timeout", "5", threads=1,
-        )  # fmt: skip
-        self.router = Cluster(str(tmp))
-        self.url = f"http://127.0.0.1:{free_port()}"
-
-    def _start_prefill(self, name: str) -> Server:
-        (self.tmp / name).mkdir()
-        return Server(
-            self.tmp / name, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-            str(self.bootstrap), "--enable-attention-offload", "--pd-timeout", str(PD_TIMEOUT_S),
-            port=self.prefill_port, threads=1,
-        )  # fmt: skip
-
-    def start(self) -> None:
-        for srv in (self.prefill, self.decode):
-            srv.wait_ready()
-        port = int(self.url.rsplit(":", 1)[1])
-        prefills = [(self.prefill.url, self.bootstrap)]
-        self.router.start("router", router_command("127.0.0.1", port, prefills, [self.decode.url]))
-        wait_serving(self.router, self.url, timeout_s=300)
-
-    def restart_prefill(self) -> None:
-        """kill -9 of the whole prefill instance, then the same command again."""
-        for p in self.prefill.tree():
-            p.kill()
-        self.prefill.stop(timeout=30)
-        self.prefill = self._start_prefill(f"p{time.monotonic_ns()}")
-        self.prefill.wait_ready()
-
-    def stop(self) -> None:
-        self.router.stop()
-        for srv in (self.prefill, self.decode):
-            srv.stop()
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    server_utils.STARTUP_TIMEOUT_S = 900  # three model loads on a busy machine
-    p = Pair(tmp_path_factory.mktemp("faults"))
+    p = RouterPair(
+        tmp_path_factory.mktemp("faults"),
+        ["--enable-attention-offload", "--pd-timeout", str(PD_TIMEOUT_S)],
+        ["--attention-offload-ratio", "inf", "--pd-timeout", str(PD_TIMEOUT_S),
+         "--offload-timeout", str(OFFLOAD_TIMEOUT_S)],
+        startup_timeout_s=900,  # three model loads on a busy machine
+    )  # fmt: skip
     try:
         p.start()
         yield p
@@ -81,32 +46,21 @@ def pair(tmp_path_factory):
         p.stop()
 
 
-def executor_state(pair: Pair) -> dict:
+def executor_state(pair: RouterPair) -> dict:
     return internal_state(pair.prefill)["disaggregation"]["executor"]
 
 
-def executors(pair: Pair) -> list[psutil.Process]:
+def executors(pair: RouterPair) -> list[psutil.Process]:
     return [p for p in pair.prefill.tree() if "attention_executor" in " ".join(p.cmdline())]
 
 
-def assert_clean(pair: Pair) -> None:
+def assert_clean(pair: RouterPair) -> None:
     assert wait_kv_free(pair.decode, 60)["kv_cache"]["num_used_pages"] == 0
     assert wait_kv_free(pair.prefill, 60)["kv_cache"]["num_used_pages"] == 0
     d = internal_state(pair.decode)["disaggregation"]
     assert d["in_flight"] == 0 and d["offload"]["offloaded_requests"] == 0
     st = wait_until(lambda: executor_state(pair), lambda st: st.get("used_pages") == 0, 60)
     assert st["used_pages"] == 0 and internal_state(pair.prefill)["disaggregation"]["in_flight"] == 0
-
-
-def stream(url: str, ids: list[int], on_chunk) -> list[dict]:
-    chunks = []
-    body = {"input_ids": ids, "sampling_params": SP, "stream": True}
-    with requests.post(url + "/generate", json=body, stream=True, timeout=240) as r:
-        for line in r.iter_lines():
-            if line and line != b"data: [DONE]":
-                chunks.append(json.loads(line.removeprefix(b"data: ")))
-                on_chunk(len(chunks))
-    return chunks
 
 
 def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
@@ -119,8 +73,10 @@ def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
         if n == 2:
             old.kill()
 
-    chunks = stream(pair.url, ids, kill_at_second_chunk)
+    chunks, times = stream_generate(pair.url, {"input_ids": ids, "sampling_params": SP}, kill_at_second_chunk)
     assert chunks[-1]["output_ids"] == want  # recomputed locally after the kill
+    # the death is seen when the process exits, not after the offload timeout: no stall near it
+    assert_no_stall(times[1:], OFFLOAD_TIMEOUT_S)
     st = wait_until(lambda: executor_state(pair), lambda st: st["restarts"] == 1 and not st["down"], 120)
     assert st["restarts"] == 1 and not st["down"]
     zombies = [p for p in pair.prefill.tree() if p.status() == psutil.STATUS_ZOMBIE]
@@ -129,17 +85,88 @@ def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
     assert r.status_code == 200, r.text
     assert r.json()["output_ids"] == want and r.json()["meta_info"]["attention_offloaded"] == [True]
     info = internal_state(pair.decode)["disaggregation"]["offload"]
-    # the dead executor's page counts are gone (the new one is listed once it reports over TCP;
-    # over shared memory it reports none)
-    assert old_address not in info["executors"] and set(info["executors"]) <= {st["address"]}
+    # the dead executor's page counts are gone; the new one reported its own over shared memory
+    assert info["exchange"]["shm_executors"] == [st["address"]]
+    assert st["address"] != old_address and list(info["executors"]) == [st["address"]]
+    assert info["executors"][st["address"]]["num_pages"] > 0
     assert info["fallbacks"] >= 1
+    assert_clean(pair)
+
+
+def pids(pair: RouterPair, target: str) -> list[psutil.Process]:
+    return executors(pair) if target == "executor" else getattr(pair, target).tree()
+
+
+@pytest.mark.parametrize("target", ["executor", "decode", "prefill"])
+def test_a_stopped_instance_holds_its_stream_which_then_completes(pair, engine, target):
+    """SIGSTOP for 3 s, below every timeout: the executor and the decode instance mid-decode, the
+    prefill instance (whole tree) just after the request went out (its prompt, then its KV, in
+    flight). After SIGCONT the stream completes with the engine's tokens, with no fallback."""
+    wait_serving(pair.router, pair.url)
+    ids = list(range(500, 530))
+    want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
+    fallbacks = internal_state(pair.decode)["disaggregation"]["offload"]["fallbacks"]
+    stopped = pids(pair, target)
+    assert stopped
+
+    def pause() -> None:
+        for p in stopped:
+            p.suspend()
+        time.sleep(3)
+        for p in stopped:
+            p.resume()
+
+    timer = threading.Timer(0.2, pause) if target == "prefill" else None
+    body = {"input_ids": ids, "sampling_params": SP}
+    try:
+        if timer is not None:
+            timer.start()
+        chunks, _ = stream_generate(pair.url, body, lambda n: n == 2 and timer is None and pause())
+    finally:
+        if timer is not None:
+            timer.join()
+        for p in stopped:
+            p.resume()
+    assert chunks[-1]["output_ids"] == want
+    assert internal_state(pair.decode)["disaggregation"]["offload"]["fallbacks"] == fallbacks
+    assert_clean(pair)
+
+
+def test_decode_killed_mid_decode_then_restarted_serves_within_seconds(pair, engine):
+    """kill -9 of the decode instance mid-stream: the executor frees the dead instance's rooms at
+    once (its channel's peer died), the prefill holds nothing; restarted on the same port, the
+    router (``ROUTER_RESILIENCE``) serves through it again within seconds, not the minute its
+    default health checks would take."""
+    wait_serving(pair.router, pair.url)
+    ids = list(range(600, 630))
+    want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
+    killed = []
+
+    def kill_at_second_chunk(n: int) -> None:
+        if n == 2:
+            killed.extend(pair.decode.tree())
+            for p in killed:
+                p.kill()
+
+    try:
+        chunks, _ = stream_generate(pair.url, {"input_ids": ids, "sampling_params": SP}, kill_at_second_chunk)
+    except requests.RequestException:
+        chunks = []  # the body was cut: the instance that could say why is gone
+    assert killed and len(chunks) < SP["max_new_tokens"]
+    st = wait_until(lambda: executor_state(pair), lambda st: st["used_pages"] == 0, 30)
+    assert st["used_pages"] == 0 and st["requests"] == 0
+    pair.restart("decode")
+    wait_serving(pair.router, pair.url, timeout_s=20)
+    r = generate(pair.url, input_ids=ids, sampling_params=SP)
+    assert r.status_code == 200, r.text
+    assert r.json()["output_ids"] == want and r.json()["meta_info"]["attention_offloaded"] == [True]
     assert_clean(pair)
 
 
 def test_restarted_prefill_serves_the_first_requests(pair, engine):
     ids = list(range(400, 420))
     want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
-    pair.restart_prefill()
+    pair.restart("prefill")
     tic = time.monotonic()
     wait_serving(pair.router, pair.url, timeout_s=PD_TIMEOUT_S * 2 / 3)  # a stall would take 60 s
     r = generate(pair.url, input_ids=ids, sampling_params=SP)

@@ -68,6 +68,10 @@ class AttentionExchange(ABC):
         """Which path carries each executor's per-layer data (``/server_info``)."""
         return {"kind": "tcp"}
 
+    def gone(self, executor: str) -> bool:
+        """Whether the executor's process is known to have exited (its connection closed)."""
+        return False
+
 
 class TransportExchange(AttentionExchange):
     def __init__(self, transport: Transport) -> None:
@@ -75,6 +79,8 @@ class TransportExchange(AttentionExchange):
         self.transport = transport
 
     def _send(self, executor: str, msg, tensors: tuple = ()) -> None:
+        if self.gone(executor):
+            return  # its pages went with it
         try:
             OFFLOAD.send(self.transport, executor, msg, tensors)
         except TransportError:
@@ -97,8 +103,9 @@ class TransportExchange(AttentionExchange):
             return m.meta.get("step") == step and m.meta.get("layer") == layer
 
         try:
-            msg = self.transport.recv(match, timeout_s)
+            msg = self.transport.recv(match, timeout_s, watch=group.executor)
         except TransportError as e:
+            self.executor_pages.pop(group.executor, None)
             raise RemoteAttentionError(
                 f"attention executor {group.executor} did not answer layer {layer}: {e}"
             ) from e
@@ -111,6 +118,9 @@ class TransportExchange(AttentionExchange):
 
     def free(self, executor: str, rooms: list[int]) -> None:
         self._send(executor, AttnFree(rooms))
+
+    def gone(self, executor: str) -> bool:
+        return self.transport.lost(executor)
 
     def close(self) -> None:
         """Nothing: the transport is the PD role's, closed with it."""

@@ -50,6 +50,7 @@ from adrenaline.transport.shm_server import ShmServer
 logger = logging.getLogger(__name__)
 
 # A room no step touched for this long belongs to a decode instance that died or forgot it.
+# Rooms a decode instance has stepped are freed as soon as it is seen gone (``_reclaim``).
 ROOM_IDLE_S = 600.0
 
 
@@ -71,6 +72,7 @@ class AttentionExecutor:
         self.allocator = PageAllocator(pool.num_pages, pool.page_size, enable_prefix_caching=False)
         self.pages: dict[int, list[int]] = {}  # bootstrap room -> its pages in the pool
         self.touched: dict[int, float] = {}  # bootstrap room -> when a step or alloc last used it
+        self.owner: dict[int, str] = {}  # bootstrap room -> the decode peer that steps it
         self.steps: dict[str, _Step] = {}  # decode peer -> its current step
         self.backends: dict[str, AttentionBackend] = {}
         self.layers_served = 0
@@ -93,6 +95,7 @@ class AttentionExecutor:
     def _free(self, rooms: list[int]) -> None:
         for room in rooms:
             self.touched.pop(room, None)
+            self.owner.pop(room, None)
             pages = self.pages.pop(room, None)
             if pages:
                 self.allocator.free(pages)
@@ -148,6 +151,7 @@ class AttentionExecutor:
         unknown = [r for r in rooms if r not in self.pages]
         if unknown:
             return _Step(step, None, f"unknown bootstrap rooms {unknown[:3]}: their KV is not here")
+        self.owner.update(dict.fromkeys(rooms, peer))
         try:
             tables = [self._grow(r, n) for r, n in zip(rooms, seq_lens)]
         except MemoryError as e:
@@ -195,10 +199,11 @@ class AttentionExecutor:
             error = f"{type(e).__name__}: {e}"
         OFFLOAD.send(self.transport, peer, ShmOfferReply(error))
 
-    def _shm_begin(self, meta: StepMeta) -> None:
+    def _shm_begin(self, meta: StepMeta) -> tuple[int, int]:
         self._free(meta.frees)
         if meta.rooms:
             self.steps[meta.peer] = self._plan(meta.peer, meta.step, meta.rooms, meta.seq_lens)
+        return self.allocator.num_used, self.allocator.num_pages
 
     def _shm_attend(
         self, meta: StepMeta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -211,8 +216,17 @@ class AttentionExecutor:
         return out
 
     def _shm_closed(self, peer: str) -> None:
+        with self.shm.lock:
+            self._reclaim(peer)
+
+    def _reclaim(self, peer: str) -> None:
+        """A decode peer is gone (its channel closed, its connection dropped): free its rooms."""
         self.steps.pop(peer, None)
         self.backends.pop(peer, None)
+        rooms = [r for r, p in self.owner.items() if p == peer]
+        if rooms:
+            logger.warning("decode peer %s is gone: freeing its %d rooms", peer, len(rooms))
+            self._free(rooms)
 
     def serve(self, alive: Callable[[], bool]) -> None:
         """Serve until ``alive()`` (checked every second) turns false."""
@@ -227,8 +241,15 @@ class AttentionExecutor:
                 if not alive():
                     self.shm.close()
                     return
-                idle = [r for r, t in self.touched.items() if checked - t > ROOM_IDLE_S]
-                if idle:
-                    logger.warning("freeing %d rooms idle for %.0f s", len(idle), ROOM_IDLE_S)
-                    with self.shm.lock:
-                        self._free(idle)
+                with self.shm.lock:
+                    self._housekeeping(checked)
+
+    def _housekeeping(self, now: float) -> None:
+        """Once a second: free the rooms of TCP peers whose connection dropped, and idle rooms."""
+        for peer in {p for p in self.owner.values() if not p.startswith("shm:")}:
+            if self.transport.lost(peer):
+                self._reclaim(peer)
+        idle = [r for r, t in self.touched.items() if now - t > ROOM_IDLE_S]
+        if idle:
+            logger.warning("freeing %d rooms idle for %.0f s", len(idle), ROOM_IDLE_S)
+            self._free(idle)

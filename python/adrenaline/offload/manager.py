@@ -110,6 +110,9 @@ class OffloadManager(Placement):
             self.client.free(h.executor, h.room)
 
     def tick(self) -> None:
+        pages = self.client.exchange.executor_pages
+        for address in [a for a in pages if self.client.exchange.gone(a)]:
+            del pages[address]  # its process exited: no stale counts in the load view
         self.client.flush()
         if self.client.step != self.observed:
             self.observed = self.client.step

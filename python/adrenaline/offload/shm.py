@@ -7,8 +7,10 @@ call per layer). An executor that refuses (another host, another layout) or does
 the TCP path (``TransportExchange``), as does any step whose group has more rows than the channel
 holds: a batch cannot overflow the buffers. Control (page allocation, statistics) stays on ZeroMQ.
 
-Failures read as today's: a dead, stopped or failing executor raises ``RemoteAttentionError``
-within ``timeout_s`` and the scheduler recomputes locally; a broken channel is closed (its name was
+The executor reports its KV pages in the channel at each step (``executor_pages``, the load view).
+Failures read as on TCP: a dead executor raises ``RemoteAttentionError`` as soon as its process
+exits (a pidfd), a stopped or failing one within ``timeout_s``, and the scheduler recomputes
+locally; a broken channel is closed (its name was
 unlinked at attach, so nothing stays in ``/dev/shm``) and that executor goes back to TCP
 (``mode="auto"``) or is offered a new channel on its next step (``mode="shm"``).
 """
@@ -59,7 +61,7 @@ class ShmExchange(AttentionExchange):
             return self._refused(executor, str(e))
         try:
             OFFLOAD.send(self.transport, executor, ShmOffer(OFFLOAD_VERSION, ch.offer()))
-            reply = OFFLOAD.parse(self.transport.recv(self._is_reply(executor), self.timeout_s))
+            reply = OFFLOAD.parse(self.transport.recv(self._is_reply(executor), self.timeout_s, executor))
             if not isinstance(reply, ShmOfferReply) or reply.error is not None:
                 raise TransportError(getattr(reply, "error", None) or getattr(reply, "message", "refused"))
             ch.wait_attached(self.timeout_s)
@@ -144,8 +146,11 @@ class ShmExchange(AttentionExchange):
         try:
             out = ch.wait(layer).clone()  # the view is reused two layers on
         except TransportError as e:
+            self.executor_pages.pop(group.executor, None)
             raise self._broke(group.executor, e) from e
         self.executor_s = ch.attend_s
+        if layer == 0 and (pages := ch.pages()) is not None:
+            self.executor_pages[group.executor] = pages
         return out
 
     def free(self, executor: str, rooms: list[int]) -> None:
@@ -158,6 +163,10 @@ class ShmExchange(AttentionExchange):
                 break
         if rooms:
             self.tcp.free(executor, rooms)
+
+    def gone(self, executor: str) -> bool:
+        ch = self.channels.get(executor)
+        return ch.peer_gone() if ch is not None else self.tcp.gone(executor)
 
     def info(self) -> dict:
         return {

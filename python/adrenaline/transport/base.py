@@ -3,7 +3,8 @@
 A transport is one endpoint with an address peers can reach. Messages carry a kind, a small
 metadata dict and a list of tensors. There is no fixed world: peers are connected lazily on first
 send and dropped with ``disconnect``, so a dead peer costs its own requests a timeout and nothing
-more.
+more. Where the connection shows that a peer is gone (its process exited: the kernel closed its
+socket), ``lost`` says so, and a ``recv`` watching that peer fails at once instead of timing out.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class PeerTimeout(TransportError):
     """No matching message arrived in time: the peer is dead, slow or gone."""
 
 
+class PeerLost(TransportError):
+    """The peer's connection closed: it will not answer."""
+
+
+WATCH_SLICE_S = 0.05  # how often a ``recv`` watching a peer looks at its connection while idle
+
+
 @dataclass
 class Message:
     peer: str  # the sender's address: reply to it
@@ -92,23 +100,32 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def lost(self, peer: str) -> bool:
+        """Whether ``peer``'s connection closed after it was up (default: never known)."""
+        return False
+
     def poll(self, timeout_s: float = 0.0) -> Message | None:
         """The next message from any peer (stashed ones first), or None after ``timeout_s``."""
         if self._stash:
             return self._stash.popleft()
         return self._receive(timeout_s)
 
-    def recv(self, match: Callable[[Message], bool], timeout_s: float) -> Message:
-        """Wait for the first message ``match`` accepts; others are kept for ``poll``."""
+    def recv(self, match: Callable[[Message], bool], timeout_s: float, watch: str | None = None) -> Message:
+        """Wait for the first message ``match`` accepts; others are kept for ``poll``. ``watch``:
+        the peer that answers; ``PeerLost`` as soon as its connection is seen closed."""
         for i, msg in enumerate(self._stash):
             if match(msg):
                 del self._stash[i]
                 return msg
         deadline = time.monotonic() + timeout_s
         while True:
-            left = deadline - time.monotonic()
-            msg = self._receive(max(left, 0.0))
+            left = max(deadline - time.monotonic(), 0.0)
+            msg = self._receive(left if watch is None else min(left, WATCH_SLICE_S))
             if msg is None:
+                if watch is not None and self.lost(watch):
+                    raise PeerLost(f"{watch} closed its connection")
+                if time.monotonic() < deadline:
+                    continue
                 raise PeerTimeout(f"no reply within {timeout_s:.1f} s")
             if match(msg):
                 return msg

@@ -80,6 +80,9 @@ class MemoryTransport(Transport):
 
     def disconnect(self, peer: str) -> None: ...
 
+    def lost(self, peer: str) -> bool:
+        return peer not in self.network.endpoints  # cut: a dead process
+
     def peers(self) -> list[str]:
         return []
 

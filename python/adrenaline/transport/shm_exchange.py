@@ -47,6 +47,8 @@ from adrenaline.transport.shm_segment import (
     W_META_FREES,
     W_META_ROWS,
     W_META_STEP,
+    W_PAGES_TOTAL,
+    W_PAGES_USED,
     W_REQ,
     W_RESP,
     W_SLOT,
@@ -275,6 +277,15 @@ class ShmClientChannel(ShmChannel):
         self.attend_s = self.words[W_SLOT + s * SLOT_WORDS + S_ATTEND_US] * 1e-6
         self._landed(s)
         return self._views[s][1]
+
+    def pages(self) -> tuple[int, int] | None:
+        """The executor's (used, total) KV pages as it reported them at its last step, if it did."""
+        used, total = self.words[W_PAGES_USED], self.words[W_PAGES_TOTAL]
+        return (used, total) if total else None
+
+    def peer_gone(self) -> bool:
+        """Whether the executor's process has exited (no wait: a pidfd poll)."""
+        return self.peer is not None and not self.peer.alive()
 
     # ---- failure --------------------------------------------------------------------------------
     def _usable(self) -> None:

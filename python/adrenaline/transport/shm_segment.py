@@ -39,6 +39,7 @@ W_CREATOR_PID, W_ATTACHER_PID = 8, 9
 W_CLOSED = 10  # W_CLOSED + 0: the creator closed, + 1: the attacher closed (one writer per word)
 W_ATTACHED, W_REQ, W_RESP = 12, 14, 16  # doorbells: attach done, requests posted, responses done
 W_META_STEP, W_META_ROWS, W_META_FREES = 18, 19, 20
+W_PAGES_USED, W_PAGES_TOTAL = 21, 22  # the executor's KV pages after its last step began (0 total: none)
 W_SLOT, SLOT_WORDS = 24, 8  # per slot, below
 S_NO, S_LAYER, S_ROWS, S_STEP, S_META, S_STATUS, S_ERRLEN, S_ATTEND_US = range(8)
 

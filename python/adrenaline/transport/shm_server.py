@@ -7,10 +7,12 @@ has nothing to compute; its raised priority, ``offload.process``, makes its wake
 prefill instead), starts layer *l* as soon as its q|k|v lands, and leaves when the peer closes or dies,
 or when the server closes. The work itself is two callables, so any executor can plug in:
 
-- ``begin(meta)``: once per step, before its first layer (also for frees-only messages, whose
-  ``rooms`` are empty): apply ``meta.frees``, then plan. Runs under ``ShmServer.lock``, which the
-  executor also holds where else it changes pages. Raising makes every layer of that step answer
-  with the error (the decode side recomputes those requests locally).
+- ``begin(meta) -> (used, total) | None``: once per step, before its first layer (also for
+  frees-only messages, whose ``rooms`` are empty): apply ``meta.frees``, then plan; returns the
+  executor's KV pages, which the decode side reads with the step's answers (its load view). Runs
+  under ``ShmServer.lock``, which the executor also holds where else it changes pages. Raising
+  makes every layer of that step answer with the error (the decode side recomputes those
+  requests locally).
 - ``attend(meta, layer, q, k, v) -> out``: [rows, H, D]. Runs concurrently for different decode
   instances. q/k/v are views on shared memory, valid until it returns.
 """
@@ -37,6 +39,8 @@ from adrenaline.transport.shm_segment import (
     W_META_FREES,
     W_META_ROWS,
     W_META_STEP,
+    W_PAGES_TOTAL,
+    W_PAGES_USED,
     ShmLayout,
     ShmLayoutError,
     check_header,
@@ -46,7 +50,7 @@ from adrenaline.transport.shm_segment import (
 
 logger = logging.getLogger(__name__)
 
-Begin = Callable[[StepMeta], None]
+Begin = Callable[[StepMeta], tuple[int, int] | None]
 Attend = Callable[[StepMeta, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -145,7 +149,8 @@ class ShmServer:
         spin_s: float = SPIN_S,
     ) -> None:
         """``device``: where attention runs; a CUDA one accepts CUDA IPC offers. ``spin_s``: how
-        long a thread polls for the next layer before it sleeps."""
+        long a thread polls for the next layer before it sleeps. ``on_close(peer)``: the peer closed
+        its channel or died (not called for channels this side replaced or removed)."""
         self.attend, self.begin, self.on_close = attend, begin, on_close
         self.device, self.spin_s = torch.device(device), spin_s
         if self.device.type == "cuda" and self.device.index is None:
@@ -188,7 +193,7 @@ class ShmServer:
             while True:
                 layer, fresh = ch.next_request()
                 if fresh:
-                    error = self._begin(ch.step)
+                    error = self._begin(ch)
                 if layer == LAYER_NONE or error:
                     ch.reply(None, error)
                     continue
@@ -206,17 +211,20 @@ class ShmServer:
         finally:
             ch.close()
             entry = self._channels.get(ch.peer_name)
-            if entry is not None and entry[0] is ch:
+            if entry is not None and entry[0] is ch:  # the peer left (not replaced, not removed)
                 self._channels.pop(ch.peer_name, None)
-            if self.on_close is not None:
-                self.on_close(ch.peer_name)
+                if self.on_close is not None:
+                    self.on_close(ch.peer_name)
 
-    def _begin(self, meta: StepMeta) -> str:
+    def _begin(self, ch: ShmExecutorChannel) -> str:
+        meta = ch.step
         if self.begin is None:
             return ""
         try:
             with self.lock:
-                self.begin(meta)
+                pages = self.begin(meta)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
+        if pages is not None:
+            ch.words[W_PAGES_USED], ch.words[W_PAGES_TOTAL] = pages
         return ""

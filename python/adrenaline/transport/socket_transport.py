@@ -88,6 +88,14 @@ class SocketTransport(Transport):
         self.stats.messages_received += 1
         return Message(peer, kind, meta, tensors)
 
+    def lost(self, peer: str) -> bool:
+        """The peer never writes to the connection this side opened: readable means closed."""
+        conn = self._peers.get(peer)
+        try:
+            return conn is not None and conn.poll(0)
+        except OSError:
+            return True
+
     def disconnect(self, peer: str) -> None:
         conn = self._peers.pop(peer, None)
         if conn is not None:

@@ -3,7 +3,8 @@
 Each endpoint binds one ROUTER socket (everything it receives) and opens one DEALER per peer it
 sends to, whose identity is this endpoint's address, so receivers know whom to answer. A frame
 list is ``[header, *tensor bytes]``; the header (msgpack) holds kind, metadata and each tensor's
-dtype and shape. Device tensors are staged through host memory.
+dtype and shape. Device tensors are staged through host memory. Each DEALER has a monitor: a
+connection that was up and then closed means the peer's process is gone (``lost``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import msgspec
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from adrenaline.transport.base import (
     Message,
@@ -38,6 +40,8 @@ class ZmqTransport(Transport):
         port = self.socket.bind_to_random_port(f"tcp://{'*' if bind_host in ('0.0.0.0', '') else bind_host}")
         self.address = f"tcp://{advertise_host or reachable_host(bind_host)}:{port}"
         self._peers: dict[str, zmq.Socket] = {}
+        self._monitors: dict[str, zmq.Socket] = {}  # peer -> its DEALER's connection events
+        self._down: set[str] = set()  # peers whose connection closed and did not come back
 
     @property
     def pollable(self) -> zmq.Socket:
@@ -51,9 +55,19 @@ class ZmqTransport(Transport):
             sock.setsockopt(zmq.IDENTITY, self.address.encode())
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            self._monitors[peer] = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             sock.connect(peer)
             self._peers[peer] = sock
         return sock
+
+    def lost(self, peer: str) -> bool:
+        mon = self._monitors.get(peer)
+        while mon is not None and mon.poll(0):
+            if recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
+                self._down.add(peer)
+            else:
+                self._down.discard(peer)
+        return peer in self._down
 
     def send(
         self, peer: str, kind: str, meta: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()
@@ -86,9 +100,13 @@ class ZmqTransport(Transport):
         return Message(ident.bytes.decode(), header["kind"], header["meta"], tensors)
 
     def disconnect(self, peer: str) -> None:
-        sock = self._peers.pop(peer, None)
+        sock, mon = self._peers.pop(peer, None), self._monitors.pop(peer, None)
+        self._down.discard(peer)
         if sock is not None:
+            sock.disable_monitor()
             sock.close(linger=0)
+        if mon is not None:
+            mon.close(linger=0)
 
     def peers(self) -> list[str]:
         return sorted(self._peers)
