@@ -1,12 +1,12 @@
-"""Replaying a benchmark's request log (``bench.request_log``): the deployment it records becomes
-the simulation's, and ``sim.validate`` puts the prediction next to the measured figures."""
+"""Replaying a benchmark's request log (``core.run_log``, written by ``bench.request_log``): the
+deployment it records becomes the simulation's, and ``sim.validate`` puts the prediction next to
+the measured figures."""
 
 from __future__ import annotations
 
-import json
-
-from adrenaline.bench.request_log import offload_settings, read_runs
+from adrenaline.bench.request_log import offload_settings
 from adrenaline.core.profile import load_profile, save_profile
+from adrenaline.core.run_log import Run, append_run, read_runs
 from adrenaline.sim import replay
 from adrenaline.sim.cli import parse
 from adrenaline.sim.cluster import Deployment
@@ -30,12 +30,12 @@ OFFLOAD = {**DEPLOYMENT, "offload_policy": "static", "offload_ratio": 2.0, "offl
 
 def write_run_log(path, runs: dict[str, tuple[dict, dict]]) -> None:
     specs = synthetic("sharegpt", 80, rate=None, seed=7)
-    with open(path, "w") as f:
-        for name, (dep, measured) in runs.items():
-            f.write(json.dumps({"run": name, "deployment": dep, "measured": measured}) + "\n")
-            for i, s in reversed(list(enumerate(specs))):  # written out of send order
-                f.write(json.dumps({"sent": i * 0.01, "input_len": s.input_len, "output_len": s.output_len,
-                                    "ttft": 0.1, "finish": 1.0}) + "\n")  # fmt: skip
+    reqs = [
+        {"sent": i * 0.01, "input_len": s.input_len, "output_len": s.output_len, "ttft": 0.1, "finish": 1.0}
+        for i, s in enumerate(specs)
+    ][::-1]  # written out of send order
+    for name, (dep, measured) in runs.items():
+        append_run(path, Run(name, dep, measured, reqs))
 
 
 def test_a_bench_run_sets_the_deployment_and_flags_given_still_win(tmp_path):

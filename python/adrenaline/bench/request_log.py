@@ -1,15 +1,9 @@
-"""The request log of a benchmark run (``--request-log PATH``), which the capacity planner replays.
+"""Writing a benchmark run's request log (``--request-log PATH``; format: ``core.run_log``).
 
-JSONL, appended to; each run is a header line then one line per request::
-
-    {"run": "plain PD", "deployment": {...}, "measured": {...}}
-    {"sent": 0.0, "input_len": 32, "output_len": 256, "ttft": 0.41, "finish": 9.8}
-
-Times are seconds from the run's first send. ``deployment`` is what ``python -m adrenaline.sim``
-needs to rebuild the cluster: xPyD, the pools (``max_total_num_tokens`` as the servers report
-them, the executor's pool), page size, running cap, chunk budget, the client's concurrency and
-the decode instance's offload flags (parsed by the runtime's own parser). ``measured`` holds the
-benchmark's figures the planner predicts: output throughput, TPOT p50, mean decode batch.
+The deployment comes from the running servers (``max_total_num_tokens`` of the pools as they
+report them, the executor's pool, page size, running cap, chunk budget), the client's concurrency,
+and the decode instance's offload flags as the runtime's own parser reads them; the measured
+figures are the ones the capacity planner predicts: output throughput, TPOT p50, mean decode batch.
 """
 
 from __future__ import annotations
@@ -18,8 +12,8 @@ import argparse
 import json
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+
+from adrenaline.core.run_log import Run, append_run
 
 MEASURED = ("output_throughput", "median_tpot_ms", "p99_tpot_ms", "median_ttft_ms", "duration")
 
@@ -88,33 +82,5 @@ def log_run(
         return
     measured = {k: result[k] for k in MEASURED if k in result}
     measured["mean_decode_batch"] = mean_batch(before, after)
-    header = {
-        "run": run,
-        "deployment": describe(decode_port, prefill_port, decode_flags, args.max_concurrency),
-        "measured": measured,
-    }
-    with open(args.request_log, "a") as f:
-        f.writelines(json.dumps(x) + "\n" for x in [header, *result["requests"]])
-
-
-@dataclass
-class Run:
-    run: str
-    deployment: dict
-    measured: dict
-    requests: list[dict]
-
-
-def read_runs(path: str | Path) -> list[Run]:
-    runs: list[Run] = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        d = json.loads(line)
-        if "run" in d:
-            runs.append(Run(d["run"], d["deployment"], d["measured"], []))
-        elif runs:
-            runs[-1].requests.append(d)
-        else:
-            raise ValueError(f"{path}: a request before any run header")
-    return runs
+    dep = describe(decode_port, prefill_port, decode_flags, args.max_concurrency)
+    append_run(args.request_log, Run(run, dep, measured, result["requests"]))

@@ -1,4 +1,4 @@
-"""A benchmark run's request log (``bench.request_log``) as a simulation: its requests, and its
+"""A benchmark run's request log (``core.run_log``) as a simulation: its requests, and its
 deployment as defaults for the CLI's flags (a flag given on the command line still wins).
 
 The benchmarks' client is closed-loop (``--max-concurrency`` clients, each sending its next
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adrenaline.bench.request_log import Run, read_runs
+from adrenaline.core.run_log import Run, read_runs
 from adrenaline.sim.workload import Spec
 
 # deployment keys (bench.request_log.describe) that are CLI flags of the same name

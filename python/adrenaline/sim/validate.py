@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adrenaline.bench.request_log import read_runs
+from adrenaline.core.run_log import read_runs
 from adrenaline.sim import replay
 from adrenaline.sim.cli import parse, setup_from
 from adrenaline.sim.metrics import Summary
