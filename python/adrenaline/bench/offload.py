@@ -18,6 +18,7 @@ import os
 import threading
 
 from adrenaline.bench.pd import internal_state, pd_pair
+from adrenaline.bench.request_log import log_run
 from adrenaline.bench.serving import parse_args, run_client
 from adrenaline.models.default_model import resolve_model_path
 
@@ -82,6 +83,7 @@ def main() -> None:
             res = run_client(router, model, args)
             watch.close()
             after = internal_state(decode)["stats"]
+            log_run(args, mode, res, before, after, decode, prefill, [*extra, *decode_extra])
         passes = after["forward_passes"] - before["forward_passes"]
         batch = (after["batched_requests"] - before["batched_requests"]) / max(passes, 1)
         tput[mode] = res["output_throughput"]

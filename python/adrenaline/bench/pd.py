@@ -12,12 +12,11 @@ TTFT/TPOT p50/p99 and the KV bytes the decode instance received per request.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import urllib.request
 from contextlib import contextmanager
 
+from adrenaline.bench.request_log import internal_state, log_run
 from adrenaline.bench.serving import parse_args, run_client, server
 from adrenaline.launch_pd import Cluster, router_command, wait_healthy, wait_serving
 from adrenaline.models.default_model import resolve_model_path
@@ -53,15 +52,6 @@ def pd_pair(extra: list[str], log_dir: str | None, prefill_extra: tuple = (), de
         cluster.stop()
 
 
-def internal_state(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30) as r:
-        return json.loads(r.read())["internal_states"][0]
-
-
-def decode_pd_stats(port: int) -> dict:
-    return internal_state(port)["disaggregation"]
-
-
 def row(name: str, mix: str, res: dict, kv_per_req: float | None) -> str:
     kv = f"{kv_per_req / 2**20:.2f}" if kv_per_req is not None else "-"
     return (
@@ -84,11 +74,16 @@ def main() -> None:
         args.input_len, args.output_len = MIXES[mix]
         port = free_port()
         with server(extra, port):
-            rows.append(row("single", mix, run_client(port, model, args), None))
-        with pd_pair(extra, args.log_dir) as (router_port, decode_port, _):
-            before = decode_pd_stats(decode_port)
+            before = internal_state(port)["stats"]
+            res = run_client(port, model, args)
+            log_run(args, f"single {mix}", res, before, internal_state(port)["stats"], port)
+            rows.append(row("single", mix, res, None))
+        with pd_pair(extra, args.log_dir) as (router_port, decode_port, prefill_port):
+            start = internal_state(decode_port)
             res = run_client(router_port, model, args)
-            after = decode_pd_stats(decode_port)
+            end = internal_state(decode_port)
+            log_run(args, f"1P1D {mix}", res, start["stats"], end["stats"], decode_port, prefill_port, extra)
+            before, after = start["disaggregation"], end["disaggregation"]
             moved = after["bytes_received"] - before["bytes_received"]
             rows.append(row("1P1D", mix, res, moved / max(after["transfers"] - before["transfers"], 1)))
         print("\n".join(rows[-2:]), flush=True)

@@ -21,6 +21,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
+from adrenaline.bench.request_log import internal_state, log_run
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.procs import free_port, spawn
 
@@ -62,13 +63,17 @@ def server(extra: list[str], port: int, timeout: float = 300):
 
 
 def run_client(port: int, tokenizer: str, args: argparse.Namespace) -> dict:
+    """SGLang's figures, plus ``requests``: each request's send, first-token and finish times
+    (seconds from the first send) and lengths, for the request log (``bench.request_log``)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.jsonl")
+        records = os.path.join(tmp, "requests.jsonl")
         subprocess.run(
             [
                 sys.executable,
                 "-m",
-                "sglang.benchmark.serving",
+                "adrenaline.bench.client",
+                records,
                 "--backend",
                 "sglang",
                 "--host",
@@ -97,6 +102,20 @@ def run_client(port: int, tokenizer: str, args: argparse.Namespace) -> dict:
         )
         with open(out) as f:
             result = json.loads(f.read().splitlines()[-1])
+        with open(records) as f:
+            sent = [json.loads(line) for line in f]
+    t0 = min((r["start_time"] for r in sent), default=0.0)
+    result["requests"] = [
+        {
+            "sent": r["start_time"] - t0,
+            "input_len": r["prompt_len"],
+            "output_len": r["output_len"],
+            "ttft": r["ttft"],
+            "finish": r["start_time"] - t0 + r["latency"],
+        }
+        for r in sent
+        if r["success"]
+    ]
     # The longest silence any stream saw between two chunks: what a stalled step costs a user.
     result["max_itl_ms"] = max((g for itl in result.pop("itls", []) for g in itl), default=0.0) * 1000
     for key in ("input_lens", "output_lens", "ttfts", "generated_texts", "errors"):
@@ -118,9 +137,10 @@ FIELDS = [
 
 
 def parse_args(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
-    """The benchmark's own flags, and the server flags after ``--``."""
+    """The benchmark's own flags (and the shared ``--request-log``), and the server flags after ``--``."""
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
+    ap.add_argument("--request-log", default=None, help="append each run's request log here (JSONL)")
     return ap.parse_args(argv[:cut]), argv[cut + 1 :]
 
 
@@ -137,7 +157,10 @@ def main() -> None:
         model = server_args[server_args.index("--model-path") + 1]
     port = free_port()
     with server(server_args, port):
+        before = internal_state(port)["stats"]
         result = run_client(port, model, args)
+        log_run(args, "single", result, before, internal_state(port)["stats"], port)
+    result.pop("requests")
     if args.output:
         with open(args.output, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -4,8 +4,8 @@ Examples::
 
     python -m adrenaline.sim --hardware a100-80g --model llama-2-7b --prefill 1 --decode 1 --compare-offload
     python -m adrenaline.sim --hardware h100 --model llama-3-70b --tp 4 --gpus 8 --recommend --tpot-slo-ms 60
-    # predict a measured run (this machine's profile + a bench request log):
-    python -m adrenaline.sim --profile prof.json --replay requests.jsonl --decode-kv-tokens 1024 --offload
+    # predict a measured run (this machine's profile + a bench run's --request-log):
+    python -m adrenaline.sim --profile prof.json --replay requests.jsonl --run "PD + offload"
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from dataclasses import fields
 
 from adrenaline.core.profile import load_profile
 from adrenaline.offload.load_aware import Slo
+from adrenaline.sim import replay
 from adrenaline.sim.cluster import Deployment
 from adrenaline.sim.cost import AnalyticCost
 from adrenaline.sim.hardware import PRESETS, Assumptions, gpu
 from adrenaline.sim.model import INLINE_CONFIGS, ModelSpec
 from adrenaline.sim.profiled import ProfileCost
 from adrenaline.sim.recommend import recommend
+from adrenaline.sim.replay import is_run_log
 from adrenaline.sim.report import gain, plot_runs, table
 from adrenaline.sim.run import Setup
 from adrenaline.sim.workload import SHAPES, read_log, synthetic
@@ -43,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
     )
     wl = p.add_argument_group("workload")
     wl.add_argument("--workload", choices=sorted(SHAPES), default="sharegpt")
-    wl.add_argument("--replay", help="a request log (JSONL: arrival, input_len, output_len)")
+    wl.add_argument("--replay", help="a bench run's --request-log (its deployment gives the flags' "
+                    "defaults) or JSONL of arrival, input_len, output_len")  # fmt: skip
+    wl.add_argument("--run", help="which run of a bench request log (default: its only PD run)")
     wl.add_argument("--num-requests", type=int, default=10000)
     wl.add_argument("--rate", type=float, help="Poisson arrivals, requests/s (default: closed loop)")
     wl.add_argument("--concurrency", type=int, help="closed-loop clients (default 2 x max-running x decode)")
@@ -108,7 +112,9 @@ def run_recommend(args: argparse.Namespace, setup: Setup) -> None:
 
 
 def run_simulate(args: argparse.Namespace, setup: Setup) -> None:
-    if args.replay:
+    if args.replay and is_run_log(args.replay):
+        specs = replay.specs(replay.pick(args.replay, args.run))
+    elif args.replay:
         specs = read_log(args.replay)
     else:
         specs = synthetic(args.workload, args.num_requests, args.rate, args.seed, args.context_scale)
@@ -137,7 +143,17 @@ def run_simulate(args: argparse.Namespace, setup: Setup) -> None:
             json.dump({label: s.as_dict() for label, _, s in results}, f, indent=1)
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; a replayed bench run's deployment supplies the defaults of the ones not given."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.replay and is_run_log(args.replay):
+        p.set_defaults(**replay.flag_defaults(replay.pick(args.replay, args.run)))
+        args = p.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     setup = setup_from(args)
     (run_recommend if args.recommend else run_simulate)(args, setup)
