@@ -18,6 +18,7 @@ from adrenaline.core.request import Req
 from adrenaline.offload.client import OffloadClient, StepTimes
 from adrenaline.offload.exchange import AttentionExchange
 from adrenaline.offload.policy import ExecutorLoad, LoadView, OffloadPolicy
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.scheduler.placement import LocalLoad, Placement
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class OffloadManager(Placement):
         h.executor = home
         self.policy.attached(req, home)
         req.extra["attention_offloaded"] = True  # reported in its meta_info
+
+    def prefill_load(self, req: Req, report: LoadReport) -> None:
+        """What ``req``'s prefill instance said about its load (the PD decode role hands it on)."""
+        self.policy.prefill_load(req, report)
 
     def is_local(self, req: Req) -> bool:
         return req.rid not in self.homes

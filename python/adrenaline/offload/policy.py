@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from adrenaline.core.request import Req
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.scheduler.placement import LocalLoad
 
 
@@ -60,6 +61,10 @@ class OffloadPolicy(ABC):
     def refused(self, req: Req) -> None:
         """The executor side could not take ``req`` after all: it runs here."""
         self.release(req)
+
+    def prefill_load(self, req: Req, report: LoadReport) -> None:
+        """``req``'s prefill instance reported its load and its executor's (with the prompt's KV)."""
+        return None
 
     def observe(self, view: LoadView) -> None:
         """After each offloaded step, with the live view and its new measurements."""

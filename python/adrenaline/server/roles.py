@@ -65,7 +65,9 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
             exchange = _exchange(ours, runner, config, transport)
             placement = OffloadManager(policy, exchange, ours.offload_timeout)
         scheduler = Scheduler(runner, config, tokenizer, placement)
-        return Role(scheduler, DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit))
+        loads = placement.prefill_load if placement is not None else None
+        pd = DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, loads=loads)
+        return Role(scheduler, pd)
     scheduler = Scheduler(runner, config, tokenizer)
     role = Role(scheduler)
     executor = None
