@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from adrenaline.core.request import Req, finish_abort
 from adrenaline.disaggregation.common import TransferManager, bootstrap_of
 from adrenaline.disaggregation.peers import PrefillDirectory, Restart
-from adrenaline.offload.protocol import LoadReport
 from adrenaline.disaggregation.protocol import (
     PD,
     PD_VERSION,
@@ -30,6 +29,7 @@ from adrenaline.disaggregation.protocol import (
     KVPages,
     KVRequest,
 )
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.transport.base import Message, TransportError
 from adrenaline.transport.kv_pages import scatter_pages
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from adrenaline.core.batch import ScheduledReq
 from adrenaline.core.request import Req, finish_abort
@@ -173,9 +174,8 @@ class PrefillTransfers(TransferManager):
         elif self.executor is None:
             self._refuse_offload(t, peer)
         else:
-            self.executor.reserve(
-                t.room, len(t.req.input_ids), lambda pages: self._granted(t, peer, pages), m.future_tokens, peer
-            )
+            granted = partial(self._granted, t, peer)
+            self.executor.reserve(t.room, len(t.req.input_ids), granted, m.future_tokens, peer)
 
     def _granted(self, t: Outbound, peer: str, pages: list[int] | None) -> None:
         if self.out.get(t.room) is not t:  # ended while the executor was asked

@@ -63,7 +63,9 @@ class ExecutorLink:
         self.restarts = 0
         self.watch: Callable[[], None] | None = None  # run first in ``expire``: the process's keeper
 
-    def reserve(self, room: int, tokens: int, granted: Granted, future_tokens: int = 0, client: str = "") -> None:
+    def reserve(
+        self, room: int, tokens: int, granted: Granted, future_tokens: int = 0, client: str = ""
+    ) -> None:
         """Pages for ``tokens`` of prompt KV, the ledger holding ``future_tokens`` (prompt +
         max_new_tokens) for decode instance ``client``."""
         if self.down:

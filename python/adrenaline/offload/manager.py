@@ -10,6 +10,7 @@ each executor's KV usage and request count, step and exchange times). The schedu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,6 +126,9 @@ class OffloadManager(Placement):
         recent = list(self.client.recent)
         self.client.recent.clear()
         return recent
+
+    def settable(self) -> dict[str, Callable[[Any], None]]:
+        return self.policy.settable()
 
     def info(self) -> dict[str, Any]:
         view = self.view(LocalLoad(0, 0, 0))
