@@ -148,3 +148,8 @@ def test_policy_flags():
         parse("--attention-offload-policy", "load-aware", "--attention-offload-ratio", "1")
     with pytest.raises(ValueError):
         parse("--ttft-slo-ms", "0")
+    assert parse("--executor-cores", "auto").executor_cores == "auto"
+    assert parse("--executor-cores", "2").executor_cores == "2" and parse().executor_cores is None
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(ValueError):
+            parse("--executor-cores", bad)
