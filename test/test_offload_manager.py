@@ -127,6 +127,15 @@ def test_prefill_protection_follows_the_prefill_instances_reports():
     assert m.info()["decisions"]["prefill_protection"] == 2
 
 
+def test_each_prefill_instance_is_priced_by_its_own_reports():
+    m = manager()
+    room = dict(capacity_tokens=16_000)
+    m.prefill_load(req(0, port=8998), LoadReport([0, 1, 2], [], **room))  # falling behind
+    m.prefill_load(req(0, port=9000), LoadReport([2, 1, 0], [], **room))
+    assert not m.place(req(1, port=8998), LOCAL) and m.last_reason.startswith("prefill_protection")
+    assert m.place(req(2, port=9000), LOCAL)
+
+
 def test_no_executor_at_that_prefill_instance_keeps_local():
     m = manager()
     m.prefill_load(req(0), LoadReport([], []))  # capacity 0: none there, or it is down
