@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import threading
 import time
 import urllib.request
@@ -26,6 +27,7 @@ from adrenaline.bench.serving import run_client
 from adrenaline.bench.workloads import STATIC_RATIOS, WORKLOADS, Workload
 
 NAMES = {"inf": "all"}  # how a ratio reads in the table
+Results = dict[str, dict[str, dict[str, float] | None]]  # workload -> policy -> figures (None: failed)
 STATIC = ("--attention-offload-policy", "static", "--attention-offload-ratio", "1")  # then set live
 
 
@@ -88,10 +90,26 @@ def run_workload(router_port: int, model: str, w: Workload) -> dict[str, float]:
     }
 
 
+def measure(
+    ports: tuple[int, int, int], model: str, w: Workload, ratio: str | None
+) -> dict[str, float] | None:
+    """One run on a deployment (router, decode, prefill ports), at ``ratio`` if given; None: failed."""
+    router, decode, prefill = ports
+    try:
+        if ratio is not None:
+            set_ratio(decode, ratio)
+        for port in (prefill, decode):
+            post(port, "/flush_cache")
+        return run_workload(router, model, w)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:  # a failed row, not a failed sweep
+        print(f"run failed: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
 def sweep(args: argparse.Namespace, extra: list[str], model: str, load_aware: tuple[str, ...]) -> None:
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: Results = {}
     total = len(args.workloads) * (len(STATIC_RATIOS) + 1)
-    done, began = 0, time.monotonic()
+    began = time.monotonic()
     for name in args.workloads:
         w = scaled(WORKLOADS[name], args.scale)
         decode_kv = ("--max-total-tokens", str(w.decode_max_total_tokens))
@@ -99,23 +117,14 @@ def sweep(args: argparse.Namespace, extra: list[str], model: str, load_aware: tu
         # (decode flags, the ratios set live: None for a policy without one) per deployment
         for flags, ratios in ((STATIC, STATIC_RATIOS), (load_aware, (None,))):
             prefill_extra = ("--enable-attention-offload",)
-            with pd_pair(extra, args.log_dir, prefill_extra, (*decode_kv, *flags)) as (
-                router,
-                decode,
-                prefill,
-            ):
+            with pd_pair(extra, args.log_dir, prefill_extra, (*decode_kv, *flags)) as ports:
                 for ratio in ratios:
                     label = f"static {NAMES.get(ratio, ratio)}" if ratio is not None else "load-aware"
-                    if ratio is not None:
-                        set_ratio(decode, ratio)
-                    for port in (prefill, decode):
-                        post(port, "/flush_cache")
-                    tic = time.monotonic()
-                    res = results[name][label] = run_workload(router, model, w)
-                    done += 1
+                    res = results[name][label] = measure(ports, model, w, ratio)
+                    done = sum(len(r) for r in results.values())
+                    tput = f"{res['output_throughput']:.1f} tok/s" if res else "FAILED"
                     print(
-                        f"[{done}/{total} {time.monotonic() - began:.0f} s] {name} / {label}: "
-                        f"{res['output_throughput']:.1f} tok/s in {time.monotonic() - tic:.0f} s",
+                        f"[{done}/{total}, {time.monotonic() - began:.0f} s] {name} / {label}: {tput}",
                         flush=True,
                     )
     print(f"\nserver args: {' '.join(extra) or '(defaults)'}; load-aware flags: {' '.join(load_aware)}; "
@@ -126,7 +135,7 @@ def sweep(args: argparse.Namespace, extra: list[str], model: str, load_aware: tu
         print(f"plot: {args.plot}")
 
 
-def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+def table(results: Results) -> str:
     lines = [
         "| workload | policy | output tok/s | vs static 0 (plain PD) | TPOT p50 / p99 (ms) | max gap (s) "
         "| TTFT p99 (ms) |",
@@ -135,6 +144,9 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     for name, by_policy in results.items():
         plain = by_policy.get("static 0", {}).get("output_throughput")
         for policy, r in by_policy.items():
+            if r is None:
+                lines.append(f"| {name} | {policy} | failed | | | | |")
+                continue
             ratio = f"{r['output_throughput'] / plain:.2f}x" if plain else "-"
             lines.append(
                 f"| {name} | {policy} | {r['output_throughput']:.1f} | {ratio} | "
@@ -144,7 +156,7 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+def plot(results: Results, path: Path) -> None:
     """One column per workload: throughput, TPOT p99 and TTFT p99 per policy."""
     import matplotlib
 
@@ -158,7 +170,7 @@ def plot(results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     ]
     fig, axes = plt.subplots(len(shown), len(results), figsize=(4.5 * len(results), 8), squeeze=False)
     for col, (name, by_policy) in enumerate(results.items()):
-        policies = list(by_policy)
+        policies = [p for p, r in by_policy.items() if r is not None]
         for row, (metric, label) in enumerate(shown):
             ax = axes[row][col]
             colours = ["tab:orange" if p == "load-aware" else "tab:blue" for p in policies]
