@@ -142,7 +142,7 @@ def table(results: Results) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, by_policy in results.items():
-        plain = by_policy.get("static 0", {}).get("output_throughput")
+        plain = (by_policy.get("static 0") or {}).get("output_throughput")
         for policy, r in by_policy.items():
             if r is None:
                 lines.append(f"| {name} | {policy} | failed | | | | |")
