@@ -65,3 +65,33 @@ def test_apply_pins_both_processes():
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_executor_cores_flag_splits_this_machines_cores(profile, tmp_path):
+    """``--executor-cores`` on a prefill instance: a count as given; ``auto``: the fewest cores that
+    compute the pool's attention (8 ms / threads) within the local attention (2 ms here): 4, or all
+    but the prefill's one core where the machine has fewer."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+
+    from adrenaline.core.profile import save_profile
+    from adrenaline.server.args import AdrenalineArgs
+    from adrenaline.server.roles import _core_split
+
+    cores = sorted(os.sched_getaffinity(0))
+    cpu = SimpleNamespace(
+        device=torch.device("cpu"), dtype=torch.float32, model_config=SimpleNamespace(num_layers=4)
+    )
+    config = SimpleNamespace(model_path=str(tmp_path), max_running_requests=16)
+    pool = SimpleNamespace(num_slots=4096)
+    assert _core_split(AdrenalineArgs(), cpu, config, pool) is None  # unset: nothing pinned
+    assert _core_split(AdrenalineArgs(executor_cores="1"), cpu, config, pool) == split_cores(cores, 1)
+    save_profile(
+        replace(profile, local_attention=Grid([1, 64], [64, 65536], [[2.0] * 2] * 2)), tmp_path / "p.json"
+    )
+    auto = AdrenalineArgs(executor_cores="auto", offload_profile=str(tmp_path / "p.json"))
+    assert _core_split(auto, cpu, config, pool) == split_cores(cores, min(4, max(len(cores) - 1, 1)))
+    gpu = SimpleNamespace(device=torch.device("meta"))
+    assert _core_split(AdrenalineArgs(executor_cores="1"), gpu, config, pool) is None

@@ -109,6 +109,13 @@ def test_nothing_offloaded_when_the_executor_is_slower_than_local(local_batch):
     assert pol.counters()["ok"] == 0 and pol.counters()["slower_than_local"] == 4
 
 
+def test_speed_bound_refuses_exactly_past_the_local_speed():
+    v = view(local_batch=256, local_context=1 << 20)  # a wide window: only the speed bound can refuse
+    assert LoadAwarePolicy(profile(executor_factor=1.0)).decide(v, Candidate(64, 8)).reason is Reason.OK
+    slower = LoadAwarePolicy(profile(executor_factor=1 + 2**-10)).decide(v, Candidate(64, 8))
+    assert slower.reason is Reason.SLOWER_THAN_LOCAL
+
+
 def test_executor_kv_never_overcommitted_by_two_decode_instances_with_stale_reports():
     rng = random.Random(0)
     room, names = 45_000, ("e0", "e1")

@@ -147,7 +147,7 @@ def test_outputs_identical_at_every_ratio(dep, engine, name):
     fallbacks = lambda st: st.get("offload", {}).get("fallbacks", 0)
     assert fallbacks(after) == fallbacks(before)  # the executor answered every layer
     st = wait_executor_free(dep)
-    assert st["used_pages"] == 0 and st["requests"] == 0
+    assert st["used_pages"] == 0 and st["requests"] == 0 and st["committed"] == {}  # the ledger too
     assert wait_kv_free(decode)["kv_cache"]["num_used_pages"] == 0
 
 

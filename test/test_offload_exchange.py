@@ -1,7 +1,8 @@
 """The per-layer exchange without servers: an ``AttentionExecutor`` (in a thread, over its own
 pool) serving an ``OffloadClient`` through real ZeroMQ transports and through the shared-memory
 channel, against local attention over the same KV; a stopped executor under shared memory; the
-static ratio policy; executor page accounting; protocol version mismatch."""
+static ratio policy; executor page accounting and its ledger of future KV; protocol version
+mismatch."""
 
 from __future__ import annotations
 
@@ -65,7 +66,12 @@ def make_exchange(kind: str, t: ZmqTransport, timeout_s: float, max_rows: int = 
 
 
 def reserve(
-    t: ZmqTransport, executor: AttentionExecutor | tuple[str, KVPool], room: int, tokens: int
+    t: ZmqTransport,
+    executor: AttentionExecutor | tuple[str, KVPool],
+    room: int,
+    tokens: int,
+    future: int = 0,
+    client: str = "",
 ) -> list[int] | None:
     """Pages for ``room`` through the prefill side's link, pumped until the executor answers;
     ``executor``: one in this process, or a process's (address, pool)."""
@@ -74,7 +80,7 @@ def reserve(
     )
     link = ExecutorLink(t, address, pool, pool, ask_timeout_s=30)
     granted = []
-    link.reserve(room, tokens, granted.append)
+    link.reserve(room, tokens, granted.append, future, client)
     while not granted:  # generous timeout: CI machines can be loaded
         link.handle(t.recv(lambda m: True, 30))
     return granted[0]
@@ -233,6 +239,21 @@ def test_executor_refuses_when_full(executor):
     t = ZmqTransport()
     assert len(reserve(t, executor, 1, 60 * PAGE)) == 60
     assert reserve(t, executor, 2, 10 * PAGE) is None and 2 not in executor.pages
+    t.close()
+
+
+def test_executor_ledger_commits_future_kv_fairly_per_decode_instance(executor):
+    """256 tokens of room: a prompt's pages are allocated, its whole future KV is committed."""
+    t = ZmqTransport()
+    assert reserve(t, executor, 1, 8, future=200, client="d0") is not None  # alone: all the room
+    assert reserve(t, executor, 2, 8, future=57, client="d1") is None  # 257 > 256
+    assert reserve(t, executor, 3, 8, future=56, client="d1") is not None
+    ExecutorLink(t, executor.transport.address, executor.pool, executor.pool).free([1])
+    assert reserve(t, executor, 4, 8, future=129, client="d0") is None  # two now: 128 each
+    assert reserve(t, executor, 5, 8, future=128, client="d0") is not None
+    stats = executor.stats()
+    assert (stats.capacity_tokens, stats.committed) == (256, {"d0": 128, "d1": 56})
+    assert stats.refused == {"memory": 1, "fair_share": 1} and stats.requests == 2
     t.close()
 
 

@@ -1,8 +1,9 @@
 """The decode side's ``OffloadManager`` with the load-aware policy, over a fake exchange (no servers):
 it offloads when the synthetic profile says it pays, keeps requests local when the executor is
-slower or full, backs off a prefill instance that refused a probe, corrects its predictions from
-measured exchange waits, and every way out (finish, abort, retraction, refusal) returns the
-committed executor room to zero. The synthetic profile is test_load_aware's (exact arithmetic)."""
+slower or full or its prefill instance falls behind (as the prefill instance's load reports say),
+backs off a prefill instance that refused a probe, corrects its predictions from measured exchange
+waits, and every way out (finish, abort, retraction, refusal) returns the committed executor room
+to zero. The synthetic profile is test_load_aware's (exact arithmetic)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from test_load_aware import profile
 from adrenaline.core.request import Bootstrap, Req
 from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.offload.exchange import AttentionExchange
+from adrenaline.offload.load_aware import Slo
 from adrenaline.offload.load_aware_offload import LoadAwareOffload
 from adrenaline.offload.manager import OffloadManager
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.scheduler.placement import LocalLoad
 from adrenaline.server.args import AdrenalineArgs
 
@@ -53,11 +56,11 @@ def test_offloads_when_it_pays_until_the_executor_is_full_and_releases_to_zero()
     first = req(0)
     assert m.place(first, LOCAL)  # a probe: the executor has not reported yet
     assert not m.place(req(1), LOCAL)  # one probe at a time
+    # its prefill instance reports with the KV: the executor's ledger holds 320 tokens, 128 ours
+    m.prefill_load(first, LoadReport([], [], 320, 0, 128, 128, 1, requests=1, context_tokens=100))
     m.attach(first, EXECUTOR)
-    # the executor's pool: 20 pages of 16 tokens, 7 used (ours: 100 tokens, 7 pages)
-    m.client.exchange.executor_pages[EXECUTOR] = (7, 20)
     placed = [r for r in (req(i) for i in range(2, 6)) if m.place(r, LOCAL)]
-    # 320 - 112 used = 208 free; our unreported growth is 28: 208 - 28 = 180 fit one more (128 each)
+    # 320 - 128 committed = 192 free: one more fits (128 each), counted until the next report
     assert [r.rid for r in placed] == ["r2"]
     assert m.last_reason.startswith("memory")
     assert m.info()["decisions"] == {**dict.fromkeys(m.info()["decisions"], 0), "ok": 2, "memory": 4}
@@ -95,8 +98,8 @@ def test_measured_waits_correct_the_prediction():
     m = manager()
     r = req(0)
     assert m.place(r, LOCAL)
+    m.prefill_load(r, LoadReport([], [], capacity_tokens=16_000, committed_tokens=128, seen_ours_tokens=128))
     m.attach(r, EXECUTOR)
-    m.client.exchange.executor_pages[EXECUTOR] = (7, 1000)
     m.tick()  # no offloaded step yet: nothing measured
     assert m.policy.policy.correction == {}
     # a step blocked 4 layers x 40 ms on the executor: far slower than its profile says
@@ -104,6 +107,39 @@ def test_measured_waits_correct_the_prediction():
     m.tick()
     assert m.policy.policy.correction["h:8998"] > 10
     assert not m.place(req(1), LOCAL) and m.last_reason.startswith("slower_than_local")
+
+
+def test_prefill_protection_follows_the_prefill_instances_reports():
+    m = manager()
+    room = dict(capacity_tokens=16_000)
+    first = req(0)
+    m.prefill_load(first, LoadReport([0, 1, 2], [40.0, 40.0], **room))  # its queue is growing
+    assert not m.place(first, LOCAL) and m.last_reason.startswith("prefill_protection")
+    m.prefill_load(first, LoadReport([0, 1, 2, 2], [40.0, 40.0], **room))  # no longer
+    assert m.place(req(1), LOCAL)
+    m.prefill_load(first, LoadReport([2, 2], [40.0, 50.0, 60.0], **room))  # TTFT rising
+    assert not m.place(req(2), LOCAL) and m.last_reason.startswith("prefill_protection")
+    slo = OffloadManager(LoadAwareOffload(profile(), Slo(ttft_ms=50)), FakeExchange(), timeout_s=1)
+    slo.prefill_load(first, LoadReport([1, 1], [60.0, 50.5], **room))  # falling, but above the SLO
+    assert not slo.place(req(3), LOCAL) and slo.last_reason.startswith("prefill_protection")
+    slo.prefill_load(first, LoadReport([1, 1], [60.0, 50.0], **room))  # at it
+    assert slo.place(req(4), LOCAL)
+    assert m.info()["decisions"]["prefill_protection"] == 2
+
+
+def test_each_prefill_instance_is_priced_by_its_own_reports():
+    m = manager()
+    room = dict(capacity_tokens=16_000)
+    m.prefill_load(req(0, port=8998), LoadReport([0, 1, 2], [], **room))  # falling behind
+    m.prefill_load(req(0, port=9000), LoadReport([2, 1, 0], [], **room))
+    assert not m.place(req(1, port=8998), LOCAL) and m.last_reason.startswith("prefill_protection")
+    assert m.place(req(2, port=9000), LOCAL)
+
+
+def test_no_executor_at_that_prefill_instance_keeps_local():
+    m = manager()
+    m.prefill_load(req(0), LoadReport([], []))  # capacity 0: none there, or it is down
+    assert not m.place(req(1), LOCAL) and m.last_reason.startswith("no_executor")
 
 
 def parse(*argv: str) -> AdrenalineArgs:
@@ -121,3 +157,8 @@ def test_policy_flags():
         parse("--attention-offload-policy", "load-aware", "--attention-offload-ratio", "1")
     with pytest.raises(ValueError):
         parse("--ttft-slo-ms", "0")
+    assert parse("--executor-cores", "auto").executor_cores == "auto"
+    assert parse("--executor-cores", "2").executor_cores == "2" and parse().executor_cores is None
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(ValueError):
+            parse("--executor-cores", bad)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 from conftest import random_prompts
-from pd_cluster import ENGINE_ARGS, Cluster, params
+from pd_cluster import ENGINE_ARGS, PAGE, Cluster, params
 
 from adrenaline import Engine
 from adrenaline.disaggregation import decode as decode_module
@@ -71,6 +71,23 @@ def test_tokens_match_the_engine(cluster, want):
     if cluster.executor is not None:  # the data path asked for
         channels = getattr(cluster.d_sched.placement.client.exchange, "channels", None)
         assert channels is None or list(channels) == [cluster.executor.transport.address]
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [{"offload_ratio": float("inf")}], indirect=True)
+def test_every_first_token_brings_the_prefill_load(cluster):
+    """Each KVDone carries the prefill instance's LoadReport; an offloaded request's shows its own
+    future KV committed in the executor's ledger, for this decode instance."""
+    heard = {}
+    cluster.decode.loads = lambda req, report: heard.setdefault(req.rid, report)
+    ids = prompts(4)
+    reqs = [cluster.add(f"r{i}", x, N, room=i)[1] for i, x in enumerate(ids)]
+    cluster.run(lambda: finished(*reqs))
+    assert sorted(heard) == [r.rid for r in reqs]
+    for req in reqs:
+        r = heard[req.rid]
+        assert (r.capacity_tokens, r.clients) == (128 * PAGE, 1)
+        assert len(req.input_ids) + N <= r.seen_ours_tokens == r.committed_tokens <= r.capacity_tokens
     cluster.assert_clean()
 
 

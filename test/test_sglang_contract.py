@@ -8,6 +8,7 @@ changes what we send or what we are sent, instead of a server that hangs or drop
 from __future__ import annotations
 
 from array import array
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -18,6 +19,10 @@ from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingPar
 
 from adrenaline.core.request import Req, finish_length, finish_stop  # noqa: E402
 from adrenaline.core.sampling_params import SamplingParams  # noqa: E402
+from adrenaline.offload.exchange import TransportExchange  # noqa: E402
+from adrenaline.offload.manager import OffloadManager  # noqa: E402
+from adrenaline.offload.policy import StaticRatioPolicy  # noqa: E402
+from adrenaline.scheduler.placement import Placement  # noqa: E402
 from adrenaline.server import control  # noqa: E402
 from adrenaline.server.io_convert import OutputBatch, rejected_req, req_from_tokenized  # noqa: E402
 
@@ -211,6 +216,7 @@ def _dummy(cls):
 
 class _FakeScheduler:
     running, waiting, page_size, has_work = [], [], 16, False
+    placement = Placement()
 
     def requests(self) -> list:
         return []
@@ -224,9 +230,9 @@ class _FakeScheduler:
         max_running_requests, chunked_prefill_size = 8, 64
 
 
-def _answers(msg) -> list:
+def _answers(msg, scheduler=None) -> list:
     replies = []
-    scheduler = _FakeScheduler()
+    scheduler = scheduler or _FakeScheduler()
     handler = control.ControlHandler(
         scheduler,
         [scheduler],
@@ -285,6 +291,21 @@ def test_unsupported_requests_get_a_failure_reply(name):
 def test_supported_control_requests_reply(msg, reply_type):
     replies = _answers(msg)
     assert [type(roundtrip(r)).__name__ for r in replies] == [reply_type]
+
+
+def test_set_internal_state_changes_the_static_offload_ratio_live():
+    scheduler = _FakeScheduler()
+    scheduler.config = SimpleNamespace(max_running_requests=8, chunked_prefill_size=64)
+    policy = StaticRatioPolicy(1.0)
+    scheduler.placement = OffloadManager(policy, TransportExchange(None), timeout_s=1)
+    updated = lambda args: _answers(io.SetInternalStateReq(server_args=args), scheduler)[0].updated
+    assert updated({"attention_offload_ratio": "inf"}) and policy.ratio == float("inf")
+    assert updated({"attention_offload_ratio": 0, "max_running_requests": 4}) and policy.ratio == 0
+    assert scheduler.config.max_running_requests == 4
+    for bad in ({"attention_offload_ratio": -1}, {"attention_offload_ratio": "x"},
+                {"attention_offload_ratio": 2, "bogus": 1}):  # fmt: skip
+        assert not updated(bad) and policy.ratio == 0
+    assert not _answers(io.SetInternalStateReq(server_args={"attention_offload_ratio": 1}))[0].updated
 
 
 @pytest.mark.parametrize("name", sorted(control.IGNORED))

@@ -2,13 +2,15 @@
 
     python -m adrenaline.bench.offload --decode-max-total-tokens 1024 --ratio 4 -- --dtype bfloat16
     python -m adrenaline.bench.offload --policy load-aware [--offload-profile P.json] [--tpot-slo-ms T]
+    python -m adrenaline.bench.offload --sweep [--workloads kv-bound ...] [--scale S] [--plot F.png]
 
 A decode-heavy workload (short prompts, long outputs, many concurrent requests) against a decode
 instance whose KV pool (``--decode-max-total-tokens``) bounds its batch. The prefill instance
 (with the attention executor, when offloading) runs on the first half of the cores, the decode
 instance on the other half. Prints output throughput, TPOT p50/p99, TTFT p99, the longest gap
 between two chunks of any stream, the decode instance's mean batch size, the executor's peak KV
-usage, and the throughput ratio.
+usage, and the throughput ratio. ``--sweep`` compares static ratios with the load-aware policy
+on three workloads instead (``bench/sweep.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import threading
 from adrenaline.bench.pd import internal_state, pd_pair
 from adrenaline.bench.request_log import log_run
 from adrenaline.bench.serving import parse_args, run_client
+from adrenaline.bench.sweep import sweep
+from adrenaline.bench.workloads import WORKLOADS
 from adrenaline.models.default_model import resolve_model_path
 
 
@@ -44,14 +48,19 @@ class ExecutorWatch:
         self.thread.join(5)
 
 
+def load_aware_args(args: argparse.Namespace) -> list[str]:
+    flags = ["--attention-offload-policy", "load-aware"]
+    for flag in ("--offload-profile", "--tpot-slo-ms", "--ttft-slo-ms"):
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        flags += [flag, value] if value is not None else []
+    return flags
+
+
 def offload_args(args: argparse.Namespace) -> list[str]:
     """The offloading decode instance's policy flags."""
     if args.policy == "static":
         return ["--attention-offload-ratio", args.ratio]
-    flags = ["--attention-offload-policy", "load-aware"]
-    for flag, value in (("--offload-profile", args.offload_profile), ("--tpot-slo-ms", args.tpot_slo_ms)):
-        flags += [flag, value] if value is not None else []
-    return flags
+    return load_aware_args(args)
 
 
 def main() -> None:
@@ -65,9 +74,19 @@ def main() -> None:
     ap.add_argument("--ratio", default="4", help="--attention-offload-ratio of a static offloading run")
     ap.add_argument("--offload-profile", default=None, help="load-aware: the profile (default: cached)")
     ap.add_argument("--tpot-slo-ms", default=None, help="load-aware: the decode step's bound")
+    ap.add_argument("--ttft-slo-ms", default=None, help="load-aware: back off above this prefill TTFT")
+    ap.add_argument(
+        "--sweep", action="store_true", help="static ratios and load-aware on the sweep's workloads"
+    )
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--scale", type=float, default=1.0, help="sweep: times the workloads' requests")
+    ap.add_argument("--plot", default="offload_sweep.png", help="sweep: the figure's path ('' for none)")
     ap.add_argument("--log-dir", default=None)
     args, extra = parse_args(ap)
     model = resolve_model_path(None)
+    if args.sweep:
+        sweep(args, extra, model, tuple(load_aware_args(args)))
+        return
     decode_kv = ("--max-total-tokens", str(args.decode_max_total_tokens))
     modes = {
         "plain PD": ((), (*decode_kv, "--attention-offload-ratio", "0")),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adrenaline.core.request import Req, finish_abort
@@ -28,6 +29,7 @@ from adrenaline.disaggregation.protocol import (
     KVPages,
     KVRequest,
 )
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.transport.base import Message, TransportError
 from adrenaline.transport.kv_pages import scatter_pages
 
@@ -49,8 +51,16 @@ class Inbound:
 class DecodeTransfers(TransferManager):
     role = "decode"
 
-    def __init__(self, *args, directory: PrefillDirectory | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        directory: PrefillDirectory | None = None,
+        loads: Callable[[Req, LoadReport], None] | None = None,
+        **kwargs,
+    ) -> None:
+        """``loads``: hears each prefill instance's load report (an offloading decode instance)."""
         super().__init__(*args, **kwargs)
+        self.loads = loads
         self.inbound: dict[int, Inbound] = {}  # bootstrap room -> queued or KV on its way
         self.directory = directory or PrefillDirectory()
 
@@ -105,7 +115,8 @@ class DecodeTransfers(TransferManager):
         t.deadline = t.asked + self.timeout_s
         t.received = 0
         offload = not self.scheduler.placement.is_local(req)
-        msg = KVRequest(PD_VERSION, t.room, req.rid, list(req.pages), self.layout, offload)
+        future = len(req.input_ids) + req.params.max_new_tokens
+        msg = KVRequest(PD_VERSION, t.room, req.rid, list(req.pages), self.layout, offload, future)
         try:
             PD.send(self.transport, t.peer, msg)
         except TransportError as e:
@@ -157,6 +168,8 @@ class DecodeTransfers(TransferManager):
         PD.send(self.transport, t.peer, KVAck(t.room))
         self.stats.transfers += 1
         self.stats.pages += pages
+        if self.loads is not None and m.load is not None:
+            self.loads(t.req, m.load)
         self.scheduler.admit_prefilled(t.req, m.token, m.logprob, m.top, m.executor)
         self.emit(t.req)
 

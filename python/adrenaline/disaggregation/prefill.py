@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from adrenaline.core.batch import ScheduledReq
 from adrenaline.core.request import Req, finish_abort
@@ -23,6 +24,7 @@ from adrenaline.disaggregation.kv_move import TransportPages
 from adrenaline.disaggregation.protocol import PD, KVAck, KVAlive, KVCancel, KVDone, KVRequest
 from adrenaline.kv_cache.allocator import num_pages
 from adrenaline.offload.link import ExecutorLink
+from adrenaline.offload.load_report import LoadMeter
 from adrenaline.transport.base import Message, TransportError
 from adrenaline.transport.protocol import Mismatch
 
@@ -55,6 +57,7 @@ class PrefillTransfers(TransferManager):
         self.out: dict[int, Outbound] = {}
         self.early: dict[int, tuple[str, KVRequest, float]] = {}  # asks ahead of their request
         self.ended: dict[int, tuple[str, float]] = {}  # rooms ended before their decode side asked
+        self.meter = LoadMeter()  # reported to decode instances with each KVDone
 
     # ---- requests from the front end ----------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -114,6 +117,7 @@ class PrefillTransfers(TransferManager):
                 self._cancel_peer(t, req.finished_reason.get("message", "prefill failed"))
                 report += self._end(t, req.finished_reason, failed=True)
             elif req.finished:
+                self.meter.prefilled((req.first_token_time or time.monotonic()) - req.arrival)
                 self._send_done(t)
         return report
 
@@ -170,7 +174,8 @@ class PrefillTransfers(TransferManager):
         elif self.executor is None:
             self._refuse_offload(t, peer)
         else:
-            self.executor.reserve(t.room, len(t.req.input_ids), lambda pages: self._granted(t, peer, pages))
+            granted = partial(self._granted, t, peer)
+            self.executor.reserve(t.room, len(t.req.input_ids), granted, m.future_tokens, peer)
 
     def _granted(self, t: Outbound, peer: str, pages: list[int] | None) -> None:
         if self.out.get(t.room) is not t:  # ended while the executor was asked
@@ -232,6 +237,7 @@ class PrefillTransfers(TransferManager):
             req.output_logprobs[0] if req.output_logprobs else None,
             req.output_top_logprobs[0] if req.output_top_logprobs else None,
             self.executor.address if t.offload else None,
+            self.meter.report(self.executor and self.executor.live_stats, t.peer, self.page_size),
         )
         try:
             self._send(t, msg)
@@ -285,6 +291,7 @@ class PrefillTransfers(TransferManager):
         if self.executor is not None:
             self.executor.expire()
         now = time.monotonic()
+        self.meter.sample(sum(not t.prompt_done for t in self.out.values()), now)
         for t in self.out.values():  # still prefilling (queued, or a long prompt): say so
             if t.peer is not None and not t.done_sent and now - t.last_sent > self.timeout_s / 3:
                 self._send(t, KVAlive(t.room))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from msgspec import Struct
 
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.transport.protocol import Protocol
 
 PD_VERSION = 1
@@ -32,6 +33,7 @@ class KVRequest(Struct):
     pages: list[int]
     layout: KVLayout
     offload: bool = False  # keep the KV in the prefill side's attention executor
+    future_tokens: int = 0  # prompt + max_new_tokens: what an offload commits on the executor
 
 
 class KVPages(Struct):  # + one tensor: [layers, 2, n, page, kv_heads, head_dim]
@@ -45,6 +47,7 @@ class KVDone(Struct):
     logprob: float | None = None
     top: list[tuple[float, int]] | None = None
     executor: str | None = None  # the attention executor holding an offloaded request's KV
+    load: LoadReport | None = None  # the prefill instance's load and its executor's, for the policy
 
 
 class KVAck(Struct):

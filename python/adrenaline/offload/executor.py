@@ -26,6 +26,8 @@ from adrenaline.attention.base import AttentionBackend
 from adrenaline.core.batch import AttentionBatch
 from adrenaline.kv_cache.allocator import PageAllocator, num_pages
 from adrenaline.kv_cache.pool import KVPool
+from adrenaline.offload.ledger import ExecutorLedger
+from adrenaline.offload.load_aware import Reason
 from adrenaline.offload.protocol import (
     OFFLOAD,
     AttnError,
@@ -73,6 +75,7 @@ class AttentionExecutor:
         self.pages: dict[int, list[int]] = {}  # bootstrap room -> its pages in the pool
         self.touched: dict[int, float] = {}  # bootstrap room -> when a step or alloc last used it
         self.owner: dict[int, str] = {}  # bootstrap room -> the decode peer that steps it
+        self.ledger = ExecutorLedger(pool.num_slots)  # future KV promised, per decode peer
         self.steps: dict[str, _Step] = {}  # decode peer -> its current step
         self.backends: dict[str, AttentionBackend] = {}
         self.layers_served = 0
@@ -94,6 +97,7 @@ class AttentionExecutor:
 
     def _free(self, rooms: list[int]) -> None:
         for room in rooms:
+            self.ledger.release(room)
             self.touched.pop(room, None)
             self.owner.pop(room, None)
             pages = self.pages.pop(room, None)
@@ -102,8 +106,17 @@ class AttentionExecutor:
 
     def stats(self) -> ExecutorStats:
         a = self.allocator
+        led = self.ledger
         return ExecutorStats(
-            len(self.pages), a.num_used, a.num_pages, self.layers_served, sorted(self.backends)
+            len(self.pages),
+            a.num_used,
+            a.num_pages,
+            self.layers_served,
+            sorted(self.backends),
+            led.capacity,
+            led.reserve,
+            {c: t for c, t in led.by_client.items() if t > 0},
+            {r.value: n for r, n in led.counts.items() if r is not Reason.OK},
         )
 
     # ---- messages -------------------------------------------------------------------------------
@@ -139,8 +152,13 @@ class AttentionExecutor:
             OFFLOAD.send(self.transport, peer, reply)
 
     def _alloc(self, peer: str, m: ExecAlloc) -> None:
+        """Pages for an offloaded prompt, once the ledger holds room for its whole future KV."""
         pages, error = None, None
+        future = max(m.future_tokens, m.tokens)
+        reason = self.ledger.admit(m.client or peer, m.room, future)
         try:
+            if reason is not Reason.OK:
+                raise MemoryError(f"{reason.value}: no room for {future} future KV tokens of {m.client}")
             pages = self._grow(m.room, m.tokens)
         except MemoryError as e:
             self._free([m.room])

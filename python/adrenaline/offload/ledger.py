@@ -5,8 +5,9 @@ on memory: it admits a request's whole future KV (prompt + max_new_tokens) only 
 after the prefill's reserve, and only within a fair share of that room per decode instance.
 Shares are equal among the instances holding commitments plus the one asking, so an idle
 instance does not block the others' use; an instance above its share after a newcomer arrives
-keeps what it has (KV cannot be taken back) and is refused until it drops below. ``report`` gives
-a decode instance the numbers its ``ExecutorLoad`` needs.
+keeps what it has (KV cannot be taken back) and is refused until it drops below. ``share`` gives
+a decode instance the numbers its ``ExecutorLoad`` needs, from the ledger or from the copy of it
+in the executor's statistics (``ExecutorStats``) that its prefill instance forwards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ from __future__ import annotations
 from collections import Counter
 
 from adrenaline.offload.load_aware import Reason
+
+
+def share(capacity: int, reserve: int, committed: dict[str, int], client: str) -> dict[str, int]:
+    """What decode instance ``client`` copies into its ``ExecutorLoad`` (besides its load and times)."""
+    active = {c for c, t in committed.items() if t > 0} | {client}
+    return {
+        "capacity_tokens": capacity,
+        "reserve_tokens": reserve,
+        "committed_tokens": sum(committed.values()),
+        "seen_ours_tokens": committed.get(client, 0),
+        "clients": len(active),
+    }
 
 
 class ExecutorLedger:
@@ -51,11 +64,4 @@ class ExecutorLedger:
             self.by_client[client] -= tokens
 
     def report(self, client: str) -> dict[str, int]:
-        """What ``client`` copies into its ``ExecutorLoad`` (besides its load and times)."""
-        return {
-            "capacity_tokens": self.capacity,
-            "reserve_tokens": self.reserve,
-            "committed_tokens": self.committed,
-            "seen_ours_tokens": self.by_client[client],
-            "clients": self.clients(client),
-        }
+        return share(self.capacity, self.reserve, dict(self.by_client), client)

@@ -63,13 +63,22 @@ class ExecutorLink:
         self.restarts = 0
         self.watch: Callable[[], None] | None = None  # run first in ``expire``: the process's keeper
 
-    def reserve(self, room: int, tokens: int, granted: Granted) -> None:
+    def reserve(
+        self, room: int, tokens: int, granted: Granted, future_tokens: int = 0, client: str = ""
+    ) -> None:
+        """Pages for ``tokens`` of prompt KV, the ledger holding ``future_tokens`` (prompt +
+        max_new_tokens) for decode instance ``client``."""
         if self.down:
             granted(None)
             return
         ask = next(self._ids)
         self.asks[ask] = _Ask(room, granted, time.monotonic() + self.ask_timeout_s)
-        self._send(ExecAlloc(OFFLOAD_VERSION, ask, room, tokens))
+        self._send(ExecAlloc(OFFLOAD_VERSION, ask, room, tokens, future_tokens, client))
+
+    @property
+    def live_stats(self) -> ExecutorStats | None:
+        """The last statistics, None while the executor is down."""
+        return None if self.down else self.stats
 
     def free(self, rooms: list[int]) -> None:
         self._send(ExecFree(rooms))

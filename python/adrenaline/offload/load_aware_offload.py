@@ -4,11 +4,13 @@ policy's ``LoadView`` of ``Candidate``\\s and ``ExecutorLoad``\\s.
 
 A request can only be offloaded to its own prefill instance's executor (the router chose the
 prefill instance; its executor is where the prompt's KV is written), so executors are named by
-the prefill instance's bootstrap address, and learned as requests attach:
+the prefill instance's bootstrap address. Each prompt's ``KVDone`` brings that prefill instance's
+``LoadReport`` (its queue and TTFT history, its executor's ledger as we share it), which prices
+the executor:
 
-- not yet known (no request attached there yet, or no KV report yet): one probe at a time;
-- known: priced with its reported pool (used/total pages) and our requests there;
-- refused a probe (no executor there, or it was full): left alone for ``RETRY_S``.
+- not yet heard from: one probe at a time;
+- reported: its ledger's room, the other decode instances' share, its load and its prefill's;
+- no executor there (or it is down), or it refused a probe: left alone (``RETRY_S`` after a refusal).
 
 Measured time per layer, for the live correction: when a step blocked on the executors' outputs,
 their attention plus exchange took the local attention's time (profiled) plus that wait.
@@ -22,6 +24,7 @@ from adrenaline.core.profile import Profile
 from adrenaline.core.request import Req
 from adrenaline.offload import load_aware as la
 from adrenaline.offload.policy import Decision, LoadView, OffloadPolicy
+from adrenaline.offload.protocol import LoadReport
 
 RETRY_S = 30.0
 MEASURED_WAIT = 0.1  # a wait below this share of the local attention says nothing: noise
@@ -37,11 +40,12 @@ class LoadAwareOffload(OffloadPolicy):
         self.executors: dict[str, str] = {}  # prefill instance -> its executor's address
         self.refused_until: dict[str, float] = {}  # prefill instance -> when to probe it again
         self.commits: dict[str, tuple[str, int]] = {}  # rid -> (prefill instance, future tokens)
+        self.reports: dict[str, LoadReport] = {}  # prefill instance -> its last load report
 
     def decide(self, view: LoadView, req: Req) -> Decision:
         name = prefill_of(req)
         cand = la.Candidate(len(req.input_ids), req.params.max_new_tokens)
-        ex = self._executor(view, name, cand)
+        ex = self._executor(name, cand)
         local_batch = max(view.num_local, 0)
         pview = la.LoadView(local_batch, view.local.context, view.num_offloaded, [ex] if ex else [])
         d = self.policy.decide(pview, cand)
@@ -49,23 +53,29 @@ class LoadAwareOffload(OffloadPolicy):
             self.commits[req.rid] = (name, cand.future_tokens)
         return Decision(d.executor is not None, f"{d.reason.value} ({d.predicted_ms:.3f} ms/layer predicted)")
 
-    def _executor(self, view: LoadView, name: str, cand: la.Candidate) -> la.ExecutorLoad | None:
+    def _executor(self, name: str, cand: la.Candidate) -> la.ExecutorLoad | None:
         if self.refused_until.get(name, 0.0) > time.monotonic():
             return None
-        address = self.executors.get(name)
-        report = view.executors.get(address) if address else None
-        ours = self.policy.ours[name]
-        if report is None or report.num_pages == 0:  # no report yet: one probe at a time
-            return la.ExecutorLoad(name, capacity_tokens=0 if ours else cand.future_tokens)
-        ps = view.local.page_size
+        r = self.reports.get(name)
+        if r is None:  # not heard from yet: one probe at a time
+            return la.ExecutorLoad(name, capacity_tokens=0 if self.policy.ours[name] else cand.future_tokens)
+        if r.capacity_tokens == 0:
+            return None
         return la.ExecutorLoad(
             name,
-            capacity_tokens=report.num_pages * ps,
-            committed_tokens=report.used_pages * ps,
-            seen_ours_tokens=report.context,
-            batch=report.requests,
-            context=report.context,
+            r.capacity_tokens,
+            r.reserve_tokens,
+            r.committed_tokens,
+            r.seen_ours_tokens,
+            r.clients,
+            batch=r.requests,
+            context=r.context_tokens,
+            prefill_queue=r.prefill_queue,
+            ttft_ms=r.ttft_ms,
         )
+
+    def prefill_load(self, req: Req, report: LoadReport) -> None:
+        self.reports[prefill_of(req)] = report
 
     def attached(self, req: Req, executor: str) -> None:
         self.executors[prefill_of(req)] = executor
@@ -76,9 +86,10 @@ class LoadAwareOffload(OffloadPolicy):
             self.policy.release(name, tokens)
 
     def refused(self, req: Req) -> None:
-        """The prefill instance could not offload ``req``; back off it when it was a probe."""
+        """The prefill instance could not offload ``req``; back off it when it was a probe (its refusals
+        after a report are priced by the next report)."""
         name = prefill_of(req)
-        if name not in self.executors:
+        if name not in self.reports:
             self.refused_until[name] = time.monotonic() + RETRY_S
         self.release(req)
 

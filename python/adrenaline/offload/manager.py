@@ -10,6 +10,7 @@ each executor's KV usage and request count, step and exchange times). The schedu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from adrenaline.core.request import Req
 from adrenaline.offload.client import OffloadClient, StepTimes
 from adrenaline.offload.exchange import AttentionExchange
 from adrenaline.offload.policy import ExecutorLoad, LoadView, OffloadPolicy
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.scheduler.placement import LocalLoad, Placement
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class OffloadManager(Placement):
         self.policy.attached(req, home)
         req.extra["attention_offloaded"] = True  # reported in its meta_info
 
+    def prefill_load(self, req: Req, report: LoadReport) -> None:
+        """What ``req``'s prefill instance said about its load (the PD decode role hands it on)."""
+        self.policy.prefill_load(req, report)
+
     def is_local(self, req: Req) -> bool:
         return req.rid not in self.homes
 
@@ -123,6 +129,9 @@ class OffloadManager(Placement):
         recent = list(self.client.recent)
         self.client.recent.clear()
         return recent
+
+    def settable(self) -> dict[str, Callable[[Any], None]]:
+        return self.policy.settable()
 
     def info(self) -> dict[str, Any]:
         view = self.view(LocalLoad(0, 0, 0))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from adrenaline.core.request import Req
+from adrenaline.offload.protocol import LoadReport
 from adrenaline.scheduler.placement import LocalLoad
 
 
@@ -61,6 +64,10 @@ class OffloadPolicy(ABC):
         """The executor side could not take ``req`` after all: it runs here."""
         self.release(req)
 
+    def prefill_load(self, req: Req, report: LoadReport) -> None:
+        """``req``'s prefill instance reported its load and its executor's (with the prompt's KV)."""
+        return None
+
     def observe(self, view: LoadView) -> None:
         """After each offloaded step, with the live view and its new measurements."""
         return None
@@ -69,15 +76,27 @@ class OffloadPolicy(ABC):
         """Decisions so far by reason, for ``/server_info`` and Prometheus."""
         return {}
 
+    def settable(self) -> dict[str, Callable[[Any], None]]:
+        """Settings changeable live (``Placement.settable``)."""
+        return {}
+
 
 class StaticRatioPolicy(OffloadPolicy):
     """Keep offloaded:local near ``ratio`` (N/M; ``inf``: offload all), at most ``max_offloaded``."""
 
     def __init__(self, ratio: float, max_offloaded: int | None = None) -> None:
-        if ratio < 0:
+        self.set_ratio(ratio)
+        self.max_offloaded = max_offloaded if max_offloaded is not None else math.inf
+
+    def set_ratio(self, ratio: Any) -> None:
+        """A number or its text ("inf"); applies to the next admissions (a sweep changes it live)."""
+        ratio = float(ratio)
+        if not ratio >= 0:  # NaN too
             raise ValueError("--attention-offload-ratio must be >= 0")
         self.ratio = ratio
-        self.max_offloaded = max_offloaded if max_offloaded is not None else math.inf
+
+    def settable(self) -> dict[str, Callable[[Any], None]]:
+        return {"attention_offload_ratio": self.set_ratio}
 
     def decide(self, view: LoadView, req: Req) -> Decision:
         n, m = view.num_offloaded, view.num_local

@@ -48,14 +48,19 @@ def _raise_priority() -> str:
 
 
 def _run(
-    pool_tensors: tuple[list, list], heads: tuple[int, int], backend: str, transport: tuple, conn
+    pool_tensors: tuple[list, list],
+    heads: tuple[int, int],
+    backend: str,
+    transport: tuple,
+    threads: int,
+    conn,
 ) -> None:
     from adrenaline.offload.executor import AttentionExecutor
 
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(level="INFO", format="[%(asctime)s adrenaline executor] %(levelname)s %(message)s")
-    torch.set_num_threads(1)  # decode attention is memory-bound: one core's bandwidth does
+    torch.set_num_threads(threads)  # decode attention is memory-bound: one core's bandwidth may do
     priority = _raise_priority()
     pool = KVPool.from_tensors(*pool_tensors)
     executor = AttentionExecutor(pool, create_transport(*transport), *heads, backend)
@@ -94,6 +99,7 @@ def start_executor(
     backend: str,
     transport: tuple[str, str, str | None],
     sm_percent: int | None = None,
+    threads: int = 1,
 ) -> tuple[Any, str]:
     """Spawn the executor over ``pool`` (moved to shared memory on CPU); returns (process, address).
 
@@ -101,6 +107,7 @@ def start_executor(
     ``sm_percent``: the executor's SM share under MPS (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, read
     when the child initialises CUDA, which it does first thing: unpickling the pool's IPC handles).
     Without an MPS daemon the variable is ignored and the executor time-shares the GPU.
+    ``threads``: its torch threads on CPU (its cores, when pinned: ``offload/colocation.py``).
     """
     if sm_percent is not None and not 0 < sm_percent <= 100:
         raise ValueError("--executor-sm-percent must be in (0, 100]")
@@ -111,7 +118,7 @@ def start_executor(
     parent_conn, child_conn = ctx.Pipe()
     proc = ctx.Process(
         target=_run,
-        args=((pool.k, pool.v), (num_heads, num_kv_heads), backend, transport, child_conn),
+        args=((pool.k, pool.v), (num_heads, num_kv_heads), backend, transport, threads, child_conn),
         daemon=True,
     )
     with _child_env(MPS_SHARE_ENV, None if sm_percent is None else str(sm_percent)):

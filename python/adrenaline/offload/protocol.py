@@ -24,6 +24,25 @@ class ExecutorStats(Struct):
     num_pages: int
     layers_served: int
     decode_peers: list[str]
+    capacity_tokens: int = 0  # the ledger's room for future KV (``offload/ledger.py``)
+    reserve_tokens: int = 0
+    committed: dict[str, int] = {}  # decode instance -> future KV tokens promised to it
+    refused: dict[str, int] = {}  # ledger refusals by reason
+
+
+class LoadReport(Struct):
+    """A prefill instance's load, and its executor's as one decode instance shares it: what that
+    decode instance prices offloads to this executor with (sent with each ``KVDone``)."""
+
+    prefill_queue: list[int]  # recent waiting-queue lengths, oldest first
+    ttft_ms: list[float]  # recent prefill times to first token, oldest first
+    capacity_tokens: int = 0  # 0: no executor here, or it is down
+    reserve_tokens: int = 0
+    committed_tokens: int = 0  # future KV promised to every decode instance
+    seen_ours_tokens: int = 0  # ... of it, to the one this report goes to
+    clients: int = 1  # decode instances sharing the room, the receiver included
+    requests: int = 0  # rooms holding KV there, every decode instance's
+    context_tokens: int = 0  # their KV now
 
 
 # ---- decode instance -> executor ---------------------------------------------------------------
@@ -73,7 +92,9 @@ class ExecAlloc(Struct):
     version: int
     ask: int
     room: int
-    tokens: int
+    tokens: int  # the prompt's KV, allocated now
+    future_tokens: int = 0  # prompt + max_new_tokens, committed in the ledger (0: ``tokens``)
+    client: str = ""  # the decode instance it is offloaded for (its fair share)
 
 
 class ExecAllocReply(Struct):

@@ -9,6 +9,7 @@ which owns the policy, the executors and the load view behind these calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,10 @@ class Placement:
 
     def tick(self) -> None:
         """Housekeeping once per loop iteration, with or without a step (e.g. batched frees)."""
+
+    def settable(self) -> dict[str, Callable[[Any], None]]:
+        """Settings changeable live (``/set_internal_state``): name -> setter (ValueError: refused)."""
+        return {}
 
     def info(self) -> dict[str, Any] | None:
         """What ``/server_info`` reports about placement (None: nothing to report)."""

@@ -105,6 +105,7 @@ class AdrenalineArgs:
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
     executor_sm_percent: int | None = None
+    executor_cores: str | None = None
     offload_timeout: float = 10.0
     offload_exchange: str = "auto"
     max_parallel_samples: int = 16
@@ -181,6 +182,13 @@ class AdrenalineArgs:
             "of its process; start MPS with scripts/start_mps.sh; ignored without MPS)",
         )
         group.add_argument(
+            "--executor-cores",
+            default=None,
+            help="prefill, CPU: pin the attention executor to N cores and this prefill scheduler to the "
+            "others; 'auto': the fewest that compute a full executor pool's attention within the local "
+            "attention it hides under (from the offload profile). Unset: no pinning",
+        )
+        group.add_argument(
             "--offload-timeout",
             type=float,
             default=AdrenalineArgs.offload_timeout,
@@ -214,6 +222,9 @@ class AdrenalineArgs:
             raise ValueError("--attention-offload-ratio must be >= 0")
         if args.executor_sm_percent is not None and not 0 < args.executor_sm_percent <= 100:
             raise ValueError("--executor-sm-percent must be in (0, 100]")
+        cores = args.executor_cores
+        if cores is not None and cores != "auto" and not (cores.isdigit() and int(cores) >= 1):
+            raise ValueError("--executor-cores must be a positive number of cores or 'auto'")
         if args.attention_offload_policy is None:
             args.attention_offload_policy = "static" if ratio is not None else "load-aware"
         if args.attention_offload_policy == "load-aware" and ratio is not None:

@@ -215,14 +215,23 @@ class ControlHandler:
 
     def _on_SetInternalStateReq(self, msg: io.SetInternalStateReq) -> None:
         values = dict(msg.server_args or {})
+        live = self.scheduler.placement.settable()  # e.g. the static offload ratio
+        placed = {k: values.pop(k) for k in list(values) if k in live}
         bad = sorted(k for k in values if k not in SETTABLE)
         ok = not bad and all(isinstance(v, (int, float)) and v >= 1 for v in values.values())
+        try:
+            for k, v in placed.items() if ok else ():
+                live[k](v)
+        except (TypeError, ValueError) as e:
+            logger.warning("SetInternalStateReq refused: %s", e)
+            ok = False
         if ok:
             for k, v in values.items():
                 setattr(self.scheduler.config, k, SETTABLE[k](v))
-            logger.info("internal state updated: %s", values)
+            logger.info("internal state updated: %s", {**values, **placed})
         else:
-            logger.warning("SetInternalStateReq refused: settable keys are %s (>= 1)", sorted(SETTABLE))
+            keys = sorted({*SETTABLE, *live})
+            logger.warning("SetInternalStateReq refused: settable keys are %s (config ones >= 1)", keys)
         self.reply(io.SetInternalStateReqOutput(updated=ok), msg)
 
     def _on_GetWeightsByNameReqInput(self, msg: io.GetWeightsByNameReqInput) -> None:

@@ -8,17 +8,20 @@ instance) and the PD role's manager, which plugs into the scheduler's hooks.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from adrenaline.core.profile import Profile
 from adrenaline.disaggregation.bootstrap import register_prefill
 from adrenaline.disaggregation.common import TransferManager
 from adrenaline.disaggregation.decode import DecodeTransfers
 from adrenaline.disaggregation.prefill import PrefillTransfers
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.models.default_model import resolve_model_path
+from adrenaline.offload.colocation import CoreSplit, choose_executor_threads, split_cores
 from adrenaline.offload.exchange import AttentionExchange, TransportExchange
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.load_aware import Slo
@@ -65,7 +68,9 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
             exchange = _exchange(ours, runner, config, transport)
             placement = OffloadManager(policy, exchange, ours.offload_timeout)
         scheduler = Scheduler(runner, config, tokenizer, placement)
-        return Role(scheduler, DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit))
+        loads = placement.prefill_load if placement is not None else None
+        pd = DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, loads=loads)
+        return Role(scheduler, pd)
     scheduler = Scheduler(runner, config, tokenizer)
     role = Role(scheduler)
     executor = None
@@ -94,17 +99,37 @@ def _exchange(ours: AdrenalineArgs, runner: ModelRunner, config, transport: Tran
     return ShmExchange(transport, layout, ours.offload_timeout, ours.offload_exchange)
 
 
+def _profile(ours: AdrenalineArgs, runner: ModelRunner, config) -> Profile:
+    device = "cpu" if runner.device.type == "cpu" else torch.cuda.get_device_name(runner.device)
+    dtype = str(runner.dtype).removeprefix("torch.")
+    model = resolve_model_path(config.model_path)
+    return resolve_profile(ours.offload_profile, model, dtype, runner.model_config.num_layers, device)
+
+
 def _offload_policy(ours: AdrenalineArgs, runner: ModelRunner, config) -> OffloadPolicy | None:
     """The decode side's offload policy (None: offloading off)."""
     if ours.attention_offload_policy == "static":
         ratio = ours.attention_offload_ratio or 0.0
         return StaticRatioPolicy(ratio, ours.max_offloaded_requests) if ratio > 0 else None
-    device = "cpu" if runner.device.type == "cpu" else torch.cuda.get_device_name(runner.device)
-    dtype = str(runner.dtype).removeprefix("torch.")
-    mc = runner.model_config
-    model = resolve_model_path(config.model_path)
-    profile = resolve_profile(ours.offload_profile, model, dtype, mc.num_layers, device)
-    return LoadAwareOffload(profile, Slo(ours.tpot_slo_ms, ours.ttft_slo_ms))
+    return LoadAwareOffload(_profile(ours, runner, config), Slo(ours.tpot_slo_ms, ours.ttft_slo_ms))
+
+
+def _core_split(ours: AdrenalineArgs, runner: ModelRunner, config, pool: KVPool) -> CoreSplit | None:
+    """``--executor-cores`` on CPU: the executor's cores and this prefill scheduler's (None: unpinned).
+    ``auto`` sizes the executor for its whole pool at the running cap, hidden under the same load's
+    local attention: the offload ratio 1 a decode instance would run at most of the time."""
+    if ours.executor_cores is None or runner.device.type != "cpu":
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    threads = ours.executor_cores
+    if threads == "auto":
+        profile = _profile(ours, runner, config)
+        batch, context = config.max_running_requests, pool.num_slots
+        budget = profile.local_attention_ms(batch, context)
+        threads = choose_executor_threads(profile, len(cores), batch, context, budget)
+    split = split_cores(cores, int(threads))
+    logger.info("attention executor on cores %s, prefill scheduler on %s", split.executor, split.prefill)
+    return split
 
 
 def _start_executor(
@@ -114,16 +139,23 @@ def _start_executor(
     mc = runner.model_config
     tokens = ours.executor_max_total_tokens or runner.max_total_tokens
     pool = KVPool(mc, max(tokens // runner.page_size, 1), runner.page_size, runner.dtype, runner.device)
+    split = _core_split(ours, runner, config, pool)
+    if split is not None:
+        torch.set_num_threads(len(split.prefill))
 
     def start() -> tuple[Any, str]:
-        return start_executor(
+        proc, address = start_executor(
             pool,
             mc.num_heads,
             mc.num_kv_heads,
             config.attention_backend,
             transport_args,
             ours.executor_sm_percent,
+            len(split.executor) if split is not None else 1,
         )
+        if split is not None:  # again for each restarted executor
+            split.apply(proc.pid, os.getpid())
+        return proc, address
 
     proc, address = start()
     logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)

@@ -34,6 +34,10 @@ class ZmqTransport(Transport):
     def __init__(self, bind_host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
         super().__init__()
         self.ctx = zmq.Context()
+        # Lingering nowhere, libzmq's own sockets (each DEALER's monitor) included: a transport
+        # dropped without close() is then terminated by the garbage collector at once instead of
+        # blocking it (and the thread it runs in) forever on an undelivered monitor event.
+        self.ctx.set(zmq.BLOCKY, 0)
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer reuses its address
         self.socket.setsockopt(zmq.LINGER, 0)
