@@ -23,7 +23,7 @@ STARTUP_TIMEOUT_S = 120
 # attention (latency: every offloaded stream's TPOT waits on it) and small; the prefill beside it
 # on the same cores is throughput work and takes the rest. The CPU analogue of giving decode
 # attention its SM share first.
-EXECUTOR_NICE = -5
+EXECUTOR_NICE = -5  # relative to the prefill's niceness
 MPS_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
@@ -39,9 +39,10 @@ def _die_with_parent() -> None:
 
 
 def _raise_priority() -> str:
-    """Nice ``EXECUTOR_NICE`` (needs CAP_SYS_NICE, as root in a container has); what it got, for the log."""
+    """``EXECUTOR_NICE`` levels above the prefill that started it (needs CAP_SYS_NICE, as root in a
+    container has); what it got, for the log."""
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, min(EXECUTOR_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
+        os.nice(EXECUTOR_NICE)
     except OSError:
         return f"nice {os.getpriority(os.PRIO_PROCESS, 0)}: not allowed to run above the prefill"
     return f"nice {os.getpriority(os.PRIO_PROCESS, 0)}"
