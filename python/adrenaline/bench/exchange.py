@@ -59,6 +59,13 @@ class ExecutorRig:
                 link.handle(msg)
 
 
+def decode_batch(b: int, seq: int, width: int, device: str = "cpu") -> AttentionBatch:
+    """``b`` decodes of ``seq`` KV tokens each; row i owns pages [i * width, (i + 1) * width)."""
+    tables = [list(range(i * width, (i + 1) * width)) for i in range(b)]
+    slots = torch.tensor([t[(seq - 1) // PAGE] * PAGE + (seq - 1) % PAGE for t in tables], device=device)
+    return AttentionBatch([1] * b, [seq] * b, tables, slots)
+
+
 def make_exchange(kind: str, transport: Transport, layout: ShmLayout) -> AttentionExchange:
     if kind == "tcp":
         return TransportExchange(transport)
@@ -77,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the executor: the local attention is timed on the same footing
     mc = ModelConfig.from_pretrained(resolve_model_path(None))
-    h, hkv, d, ps = mc.num_heads, mc.num_kv_heads, mc.head_dim, PAGE
+    h, hkv, d = mc.num_heads, mc.num_kv_heads, mc.head_dim
     n = max(args.batch_sizes)
     rig = ExecutorRig(mc, n, args.context + args.steps, torch.float32, args.device, args.transport)
     address, transport = rig.address, rig.transport
@@ -94,7 +101,7 @@ def main() -> None:
         exchange = make_exchange(kind, transport, layout)
         client = OffloadClient(exchange, timeout_s=30)
         for b in args.batch_sizes:
-            trip, executor, overhead, loc = time_layers(client, local, address, b, args, ps, (h, hkv, d))
+            trip, executor, overhead, loc = time_layers(client, local, address, b, args, (h, hkv, d))
             kib = b * (h + 2 * hkv + h) * d * 4 / 1024
             print(
                 f"| {kind} | {b} | {trip * 1e3:.3f} | {executor * 1e3:.3f} | {overhead * 1e6:.0f} "
@@ -104,20 +111,17 @@ def main() -> None:
 
 
 def time_layers(
-    client: OffloadClient, local, address: str, b: int, args, ps: int, heads
-) -> tuple[float, float]:
+    client: OffloadClient, local, address: str, b: int, args, heads
+) -> tuple[float, float, float, float]:
     """Median seconds per layer: the exchange's round trip, the executor's attention time (as it
     reports it with each output), the round trip less that (the transport's own cost), and the same
     attention computed here."""
     h, hkv, d = heads
     client.prepare([(address, i) for i in range(b)])
-    width = -(-(args.context + args.steps) // ps)
-    tables = [list(range(i * width, (i + 1) * width)) for i in range(b)]
+    width = -(-(args.context + args.steps) // PAGE)
     trips, executor, overhead, locals_ = [], [], [], []
     for step in range(args.steps):
-        seq = [args.context + step + 1] * b
-        slots = torch.tensor([t[(s - 1) // ps] * ps + (s - 1) % ps for t, s in zip(tables, seq)])
-        batch = AttentionBatch([1] * b, seq, tables, slots.to(args.device))
+        batch = decode_batch(b, args.context + step + 1, width, args.device)
         client.begin(batch)
         local.plan(batch)
         for layer in range(args.layers):

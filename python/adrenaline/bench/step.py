@@ -23,8 +23,7 @@ import torch
 
 from adrenaline.attention import create_backend
 from adrenaline.attention.split import SplitAttention
-from adrenaline.bench.exchange import PAGE, ExecutorRig, make_exchange
-from adrenaline.core.batch import AttentionBatch
+from adrenaline.bench.exchange import PAGE, ExecutorRig, decode_batch, make_exchange
 from adrenaline.model_config import ModelConfig, resolve_dtype
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.models.loader import load_model
@@ -36,13 +35,6 @@ def pin(pid: int, core: int) -> None:
     """Best effort: where the machine has that core."""
     if hasattr(os, "sched_setaffinity") and core in os.sched_getaffinity(0):
         os.sched_setaffinity(pid, {core})
-
-
-def decode_batch(b: int, seq: int, width: int) -> AttentionBatch:
-    """``b`` decodes of ``seq`` KV tokens each; row i owns pages [i * width, (i + 1) * width)."""
-    tables = [list(range(i * width, (i + 1) * width)) for i in range(b)]
-    slots = torch.tensor([t[(seq - 1) // PAGE] * PAGE + (seq - 1) % PAGE for t in tables])
-    return AttentionBatch([1] * b, [seq] * b, tables, slots)
 
 
 def main() -> None:
@@ -81,7 +73,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for b in args.batch_sizes:
-            counts = sorted({0, *(round(f * b) for f in args.offloaded)} - {b + 1})
+            counts = sorted({0, *(round(f * b) for f in args.offloaded)})
             times: dict[int, list[float]] = {c: [] for c in counts}
             parts: dict[int, list[StepTimes]] = {c: [] for c in counts}
             ids = torch.zeros(b, dtype=torch.long)
