@@ -59,8 +59,10 @@ class TransferStats:
     failures: int = 0  # requests ended by a timeout, a cancel or a dead peer
     pages: int = 0  # KV pages moved
     kv_bytes: int = 0  # KV bytes moved over the transport (offloaded requests move none)
+    kv_send_s: float = 0.0  # prefill: time the loop spent handing pages to the data plane
+    handoff_s: float = 0.0  # prefill: summed time from each prompt computed to its decode side's ack
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 

@@ -44,6 +44,7 @@ class Outbound:
     deadline: float = float("inf")  # set while waiting on the decode side, not while computing
     last_sent: float = 0.0  # keepalives tell a waiting decode side we are still at it
     error: str | None = None  # pages could not be sent: ``expire`` ends the transfer
+    computed_at: float = 0.0  # when the whole prompt's KV was computed (for the handoff time)
 
 
 class PrefillTransfers(TransferManager):
@@ -100,6 +101,7 @@ class PrefillTransfers(TransferManager):
             if t.peer is not None:
                 self._send_pages(t, t.req.pages[t.sent : ready])
             if t.prompt_done:
+                t.computed_at = t.computed_at or time.monotonic()
                 t.held = list(t.req.pages[t.sent : ready])
                 self.scheduler.hold_pages(t.held)
                 t.deadline = time.monotonic() + self.timeout_s
@@ -151,6 +153,7 @@ class PrefillTransfers(TransferManager):
             logger.debug("%s for no transfer of ours from %s dropped", msg.kind, msg.peer)
         elif isinstance(m, KVAck):
             self.stats.transfers += 1
+            self.stats.handoff_s += time.monotonic() - t.computed_at
             self.emit(t.req)
             del self.out[m.room]
 
@@ -231,13 +234,16 @@ class PrefillTransfers(TransferManager):
             return
         first = t.sent
         mover = self.executor.mover if t.offload else self.mover
+        start = time.perf_counter()
         try:
             self.stats.kv_bytes += mover.move(
                 t.peer, t.room, first, pages, t.dst_pages[first : first + len(pages)]
             )
         except TransportError as e:
-            t.error, t.deadline = f"KV pages of bootstrap room {t.room} not sent: {e}", 0.0
+            t.error = f"KV pages of bootstrap room {t.room} not sent: {e}"
             return  # ``expire`` ends it, outside the scheduler's step
+        finally:
+            self.stats.kv_send_s += time.perf_counter() - start
         if not t.offload:
             t.last_sent = time.monotonic()
         t.sent += len(pages)
@@ -309,7 +315,7 @@ class PrefillTransfers(TransferManager):
         for t in self.out.values():  # still prefilling (queued, or a long prompt): say so
             if t.peer is not None and not t.done_sent and now - t.last_sent > self.timeout_s / 3:
                 self._send(t, KVAlive(t.room))
-        for t in [t for t in self.out.values() if t.deadline < now]:
+        for t in [t for t in self.out.values() if t.deadline < now or t.error is not None]:
             what = "acknowledged" if t.peer else "claimed"
             text = f"no decode instance {what} the KV of bootstrap room {t.room} within {self.timeout_s:g} s"
             logger.warning(t.error or text)
