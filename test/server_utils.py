@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -100,6 +101,18 @@ def generate(target: Server | str, **body) -> requests.Response:
     """POST /generate to a server (or a URL: a router's)."""
     url = target if isinstance(target, str) else target.url
     return requests.post(url + "/generate", json=body, timeout=180)
+
+
+def generate_all(url: str, ids: list[list[int]], sampling_params: list[dict]) -> list[dict]:
+    """Send every prompt at once; the replies in order (each must be HTTP 200)."""
+
+    def one(i: int) -> requests.Response:
+        return generate(url, input_ids=ids[i], sampling_params=sampling_params[i])
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        outs = list(pool.map(one, range(len(ids))))
+    assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
+    return [r.json() for r in outs]
 
 
 def internal_state(server: Server) -> dict:

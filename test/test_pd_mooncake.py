@@ -11,13 +11,12 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 pytest.importorskip("sglang_router")
 
-from server_utils import Server, free_port, generate, internal_state, wait_kv_free  # noqa: E402
+from server_utils import Server, free_port, generate_all, internal_state, wait_kv_free  # noqa: E402
 
 from adrenaline.launch_pd import Cluster, router_command, wait_serving  # noqa: E402
 from adrenaline.launch_server import parse_server_args  # noqa: E402
@@ -74,13 +73,10 @@ def test_pd_with_offload_over_mooncake_matches_the_engine(tmp_path, engine):
         ids = random_prompts(6, 49152, LENGTHS, seed=5)
         sp = [{"temperature": 0, "max_new_tokens": 5 + 3 * i, "ignore_eos": True} for i in range(6)]
         before = internal_state(decode)["disaggregation"]
-        with ThreadPoolExecutor(6) as pool:
-            outs = list(pool.map(lambda i: generate(url, input_ids=ids[i], sampling_params=sp[i]), range(6)))
-        assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
+        outs = generate_all(url, ids, sp)
         want = engine.generate(input_ids=ids, sampling_params=sp)
-        assert [r.json()["output_ids"] for r in outs] == [w["output_ids"] for w in want]
-
-        offloaded = [r.json()["meta_info"]["attention_offloaded"] == [True] for r in outs]
+        assert [r["output_ids"] for r in outs] == [w["output_ids"] for w in want]
+        offloaded = [r["meta_info"]["attention_offloaded"] == [True] for r in outs]
         after = internal_state(decode)["disaggregation"]
         assert 0 < sum(offloaded) < 6 and after["kv_plane"] == "mooncake"
         assert after["offload"]["exchange"]["mooncake_executors"]  # per-layer data over Mooncake
