@@ -1,6 +1,8 @@
 """PD pairs for the tests. ``Cluster``: a pair (and an attention executor) in one process over an
 in-memory network, driven like the scheduler process's loop: the harness of the PD and offload
-state-machine tests. ``RouterPair``: a live pair of servers behind SGLang's router."""
+state-machine tests. With ``kv_plane="mooncake"`` the KV pages (and with ``exchange="mooncake"``
+the per-layer data) go over Mooncake Transfer Engines on loopback TCP instead, the control
+messages still over the network. ``RouterPair``: a live pair of servers behind SGLang's router."""
 
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ from adrenaline.offload.exchange import TransportExchange
 from adrenaline.offload.executor import AttentionExecutor
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.manager import OffloadManager
+from adrenaline.offload.mooncake_exchange import MooncakeExchange
 from adrenaline.offload.policy import StaticRatioPolicy
 from adrenaline.offload.shm import ShmExchange
 from adrenaline.procs import free_port
 from adrenaline.scheduler.hooks import SchedulerHooks
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.memory import MemoryNetwork
+from adrenaline.transport.mooncake_engine import MooncakeEngine
+from adrenaline.transport.mooncake_pages import MooncakePages
 from adrenaline.transport.shm_segment import ShmLayout
 
 PAGE = 4
@@ -48,44 +53,61 @@ class Cluster:
         executor_pages: int = 128,
         pd_timeout: float = 60.0,
         offload_timeout: float = 60.0,
-        exchange: str = "tcp",  # the decode side's per-layer data path: tcp, or shm (shared memory)
+        exchange: str = "tcp",  # the decode side's per-layer data path: tcp, shm (shared memory), mooncake
+        kv_plane: str = "tcp",  # how KV pages travel: tcp (messages) or mooncake (one-sided writes)
         decode_tokens: int = ENGINE_ARGS["max_total_tokens"],  # the decode instance's KV pool
     ) -> None:
         self.net = MemoryNetwork()
+        engines = (
+            3 if exchange == "mooncake" else 2 if kv_plane == "mooncake" else 0
+        )  # prefill, decode, executor
+        self.engines = [MooncakeEngine(timeout_s=pd_timeout) for _ in range(engines)]
         self.emitted: dict[str, list[Req]] = {"prefill": [], "decode": []}
         pe = Engine(model, **ENGINE_ARGS)
         de = Engine(model, **{**ENGINE_ARGS, "max_total_tokens": decode_tokens})
         self.p_sched = pe.scheduler
         pt, dt = self.net.endpoint(), self.net.endpoint()
-        self.executor, link = None, None
+        self.executor, link, self.exchange = None, None, None
         if offload_ratio > 0:
             mc = pe.runner.model_config
             self.shared = KVPool(mc, executor_pages, PAGE, torch.float32, "cpu")
             self.heads = (mc.num_heads, mc.num_kv_heads)
             self.proc, address = self.start_executor()
             link = ExecutorLink(pt, address, pe.runner.pool, self.shared)
-        self._prefill_args = (pe.runner.pool, pd_timeout, self.emitted["prefill"].append, link)
+        self.movers = [None, None]
+        if kv_plane == "mooncake":
+            self.movers = [MooncakePages(e.runner.pool, eng) for e, eng in zip((pe, de), self.engines)]
+        emit = self.emitted["prefill"].append
+        self._prefill_args = (pe.runner.pool, pd_timeout, emit, self.movers[0], link)
         self.prefill = self._start_prefill(pt)
         placement = None
         if offload_ratio > 0:
             mc = de.runner.model_config
             layout = ShmLayout(8, mc.num_heads, mc.num_kv_heads, mc.head_dim, torch.float32)
-            data = (
-                TransportExchange(dt)
-                if exchange == "tcp"
-                else ShmExchange(dt, layout, offload_timeout, "shm")
-            )
+            data = {
+                "tcp": lambda: TransportExchange(dt),
+                "shm": lambda: ShmExchange(dt, layout, offload_timeout, "shm"),
+                "mooncake": lambda: MooncakeExchange(
+                    dt,
+                    self.engines[1],
+                    (mc.num_heads, mc.num_kv_heads, mc.head_dim),
+                    torch.float32,
+                    8,
+                    offload_timeout,
+                ),
+            }[exchange]()
+            self.exchange = data
             placement = OffloadManager(StaticRatioPolicy(offload_ratio), data, offload_timeout)
         self.d_sched = Scheduler(de.runner, de.config, None, placement)
         self.bootstrap = {BOOT: pt.address}  # what the bootstrap server answers
         directory = PrefillDirectory(lambda *boot: self.bootstrap[boot], interval_s=None)
-        self.decode = DecodeTransfers(
-            self.d_sched, de.runner.pool, dt, pd_timeout, self.emitted["decode"].append, directory=directory
-        )
+        emit = self.emitted["decode"].append
+        args = (self.d_sched, de.runner.pool, dt, pd_timeout, emit, self.movers[1])
+        self.decode = DecodeTransfers(*args, directory=directory)
 
     def _start_prefill(self, transport) -> PrefillTransfers:
-        pool, timeout, emit, link = self._prefill_args
-        return PrefillTransfers(self.p_sched, pool, transport, timeout, emit, executor=link)
+        pool, timeout, emit, mover, link = self._prefill_args
+        return PrefillTransfers(self.p_sched, pool, transport, timeout, emit, mover, executor=link)
 
     def restart_prefill(self) -> None:
         """The prefill instance dies and starts again (its scheduler idle): a new transport address."""
@@ -133,7 +155,8 @@ class Cluster:
 
     # ---- checks -------------------------------------------------------------------------------
     def idle(self) -> bool:
-        return not (self.p_sched.has_work or self.d_sched.has_work or self.prefill.out or self.decode.inbound)
+        busy = self.p_sched.has_work or self.d_sched.has_work or self.prefill.out or self.decode.inbound
+        return not (busy or self.decode.fences)
 
     def assert_clean(self) -> None:
         """Every page and room back: both pools, the executor's, every PD table."""
@@ -150,7 +173,8 @@ class Cluster:
 
     def start_executor(self) -> tuple[ExecutorThread, str]:
         """An attention executor over the shared pool, served by a thread; (its "process", address)."""
-        self.executor = AttentionExecutor(self.shared, self.net.endpoint(), *self.heads, "torch")
+        engine = self.engines[2] if len(self.engines) > 2 else None
+        self.executor = AttentionExecutor(self.shared, self.net.endpoint(), *self.heads, "torch", engine)
         self.proc = ExecutorThread(self.executor, self.net)
         return self.proc, self.executor.transport.address
 
@@ -161,6 +185,10 @@ class Cluster:
     def close(self) -> None:
         if self.executor is not None:
             self.stop_executor()
+        for mover in (self.prefill.mover, self.decode.mover):
+            mover.close()
+        if self.exchange is not None:
+            self.exchange.close()
 
 
 class ExecutorThread:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -126,6 +127,18 @@ def assert_no_stall(times: list[float], timeout_s: float) -> None:
     """A hang detector, not a performance target: no gap between chunks comes near ``timeout_s``."""
     gap = max((b - a for a, b in zip(times, times[1:])), default=0.0)
     assert gap < timeout_s / 3, f"the stream stalled {gap:.1f} s (the timeout is {timeout_s} s)"
+
+
+def generate_all(url: str, ids: list[list[int]], sampling_params: list[dict]) -> list[dict]:
+    """Send every prompt at once; the replies in order (each must be HTTP 200)."""
+
+    def one(i: int) -> requests.Response:
+        return generate(url, input_ids=ids[i], sampling_params=sampling_params[i])
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        outs = list(pool.map(one, range(len(ids))))
+    assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
+    return [r.json() for r in outs]
 
 
 def internal_state(server: Server) -> dict:

@@ -40,7 +40,7 @@ pool = KVPool.from_tensors(*layers)
 plane = MooncakeKVPlane(pool, MooncakeEngine("127.0.0.1", "tcp", "", 30))
 print(msgspec.json.encode(plane.descriptor()).decode(), flush=True)
 while True:
-    for room in plane.done_rooms():
+    for room, _ in plane.landed():
         torch.save({{"k": pool.k, "v": pool.v}}, sys.argv[1])
         print(room, flush=True)
     time.sleep(0.01)
@@ -90,7 +90,7 @@ def wait_rooms(plane: MooncakeKVPlane, n: int) -> list[int]:
     rooms: list[int] = []
     deadline = time.monotonic() + 10
     while len(rooms) < n and time.monotonic() < deadline:
-        rooms += plane.done_rooms()
+        rooms += [room for room, _ in plane.landed()]
         time.sleep(0.01)
     return rooms
 
@@ -109,7 +109,7 @@ def test_pages_cross_processes_bit_identical_then_dead_peer_fails(engines, peer)
         session = plane.connect(desc)
         src, dst = [1, 2, 3, 7, 5, 0], [9, 10, 11, 0, 4, 6]  # runs 1-3 -> 9-11, then scattered
         plane.write_pages(session, src[:4], dst[:4])  # a first chunk
-        plane.write_pages(session, src[4:], dst[4:], room=2**63 + 5)  # the rest, and done
+        plane.write_pages(session, src[4:], dst[4:], notice=(2**63 + 5, 1))  # the rest, and done
         assert proc.stdout.readline().strip() == str(2**63 + 5)
         got = torch.load(out)
         assert_pages_equal(plane.pool.k, got["k"], src, dst)
@@ -121,7 +121,7 @@ def test_pages_cross_processes_bit_identical_then_dead_peer_fails(engines, peer)
         proc.kill()
         proc.wait()
         with pytest.raises(TransportError):
-            plane.write_pages(session, [1], [2], room=7)
+            plane.write_pages(session, [1], [2], notice=(7, 1))
         assert plane.peers == {} and plane.stats.failures == 1  # nothing left pending: connect again
     finally:
         plane.close()
@@ -131,11 +131,16 @@ def test_rooms_announced_once_each_in_process(planes):
     src, dst = planes
     session = src.connect(dst.descriptor())
     src.write_pages(session, [0, 1], [5, 6])  # a chunk without a room announces nothing
-    src.write_pages(session, [2], [7], room=11)
-    src.write_pages(session, [], [], room=12)  # everything was sent before: the notice alone
-    src.write_pages(session, [3, 4, 8], [0, 1, 2], room=13)
+    src.write_pages(session, [2], [7], notice=(11, 1))
+    src.write_pages(session, [], [], notice=(12, 1))  # everything was sent before: the notice alone
+    src.write_pages(session, [3, 4, 8], [0, 1, 2], notice=(13, 1))
     assert sorted(wait_rooms(dst, 3)) == [11, 12, 13]
-    assert dst.done_rooms() == []
+    assert dst.landed() == [] and dst.fenced() == []
+    src.fence(session, 14)  # no more writes into room 14's pages
+    deadline = time.monotonic() + 10
+    while not (fenced := dst.fenced()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fenced == [14]
     assert_pages_equal(src.pool.k, dst.pool.k, [0, 1, 2, 3, 4, 8], [5, 6, 7, 0, 1, 2])
     assert_pages_equal(src.pool.v, dst.pool.v, [0, 1, 2, 3, 4, 8], [5, 6, 7, 0, 1, 2])
 
@@ -145,8 +150,8 @@ def test_long_page_lists_go_in_several_batches_one_notice(planes, monkeypatch):
     src, dst = planes
     session = src.connect(dst.descriptor())
     sp, dp = [0, 2, 4, 6, 8, 9], [11, 1, 7, 3, 5, 0]  # 6 runs x 6 tensors: 36 entries, 9 batches
-    src.write_pages(session, sp, dp, room=21)
-    src.write_pages(session, [], [], room=22)
+    src.write_pages(session, sp, dp, notice=(21, 1))
+    src.write_pages(session, [], [], notice=(22, 1))
     assert wait_rooms(dst, 2) == [21, 22]  # in order: only the last batch rang
     assert_pages_equal(src.pool.k + src.pool.v, dst.pool.k + dst.pool.v, sp, dp)
 
@@ -156,10 +161,10 @@ def test_write_outside_registered_region_refused(planes, src_pages, dst_pages):
     src, dst = planes
     session = src.connect(dst.descriptor())
     with pytest.raises(RegionError):
-        src.write_pages(session, src_pages, dst_pages, room=3)
+        src.write_pages(session, src_pages, dst_pages, notice=(3, 1))
     assert all(not t.any() for t in dst.pool.k + dst.pool.v)  # refused before anything was issued
     assert session in src.peers and src.stats.failures == 0  # our mistake, not the peer's
-    src.write_pages(session, [0], [0], room=4)
+    src.write_pages(session, [0], [0], notice=(4, 1))
     assert wait_rooms(dst, 1) == [4]  # notices keep their order: room 3 was never announced
 
 
@@ -184,7 +189,7 @@ def test_frozen_peer_is_an_error_within_the_timeout(peer):
         os.kill(proc.pid, signal.SIGSTOP)
         start = time.monotonic()
         with pytest.raises(TransportError):
-            plane.write_pages(session, list(range(10)), list(range(10)), room=1)
+            plane.write_pages(session, list(range(10)), list(range(10)), notice=(1, 1))
         # The engine's own default waits far longer (MC_TRANSFER_TIMEOUT alone gives ~5 s here).
         assert time.monotonic() - start < 4
         assert plane.peers == {}

@@ -15,8 +15,19 @@ from adrenaline.disaggregation import decode as decode_module
 from adrenaline.disaggregation.protocol import PD_VERSION
 from adrenaline.offload import supervisor as supervisor_module
 from adrenaline.offload.supervisor import ExecutorSupervisor
+from adrenaline.transport.base import TransportError
+from adrenaline.transport.mooncake_engine import mooncake_missing
 
 N = 12  # tokens generated per request
+MISSING = mooncake_missing()
+
+
+def mooncake(**kw) -> pytest.param:
+    """A cluster whose KV pages travel over Mooncake (loopback TCP); skipped without it."""
+    why = f"Mooncake not installed: {MISSING}"
+    return pytest.param(
+        {"kv_plane": "mooncake", **kw}, marks=pytest.mark.skipif(MISSING is not None, reason=why)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +68,12 @@ def message(req) -> str:
 
 @pytest.mark.parametrize(
     "cluster",
-    [{}, *({"offload_ratio": r, "exchange": x} for r in (1.0, float("inf")) for x in ("tcp", "shm"))],
+    [
+        {},
+        *({"offload_ratio": r, "exchange": x} for r in (1.0, float("inf")) for x in ("tcp", "shm")),
+        mooncake(),
+        mooncake(offload_ratio=1.0, exchange="mooncake"),
+    ],
     indirect=True,
 )
 def test_tokens_match_the_engine(cluster, want):
@@ -69,8 +85,13 @@ def test_tokens_match_the_engine(cluster, want):
     offloaded = [bool(r.extra.get("attention_offloaded")) for r in reqs]
     assert any(offloaded) == (cluster.executor is not None)
     if cluster.executor is not None:  # the data path asked for
-        channels = getattr(cluster.d_sched.placement.client.exchange, "channels", None)
+        exchange = cluster.d_sched.placement.client.exchange
+        channels = getattr(exchange, "channels", getattr(exchange, "links", None))
         assert channels is None or list(channels) == [cluster.executor.transport.address]
+        assert cluster.d_sched.placement.stats.fallbacks == 0  # every layer answered by the executor
+    if cluster.movers[0] is not None:  # one-sided: every local request's pages, no KVPages message
+        assert cluster.movers[0].plane.stats.pages == cluster.decode.stats.pages > 0
+        assert cluster.prefill.transport.stats.bytes_sent == 0
     cluster.assert_clean()
 
 
@@ -224,7 +245,7 @@ def test_executor_death_and_respawn(cluster, want, monkeypatch):
     cluster.assert_clean()
 
 
-@pytest.mark.parametrize("cluster", [{"pd_timeout": 0.5}], indirect=True)
+@pytest.mark.parametrize("cluster", [{"pd_timeout": 0.5}, mooncake(pd_timeout=0.5)], indirect=True)
 def test_silent_prefill_instance_times_out(cluster):
     cluster.net.cut(cluster.prefill.transport.address)
     d = cluster.add("r", prompts(1)[0], N, room=1, side="decode")[1]
@@ -268,7 +289,10 @@ STATES = {"queued": _queued, "kv in flight": _kv_in_flight, "prefilled": _prefil
 
 
 @pytest.mark.parametrize(
-    "cluster", [{}, {"offload_ratio": float("inf")}], ids=["local", "offloaded"], indirect=True
+    "cluster",
+    [{}, {"offload_ratio": float("inf")}, mooncake()],
+    ids=["local", "offloaded", "mooncake"],
+    indirect=True,
 )
 @pytest.mark.parametrize("state", list(STATES))
 @pytest.mark.parametrize("side", ["decode", "prefill"])
@@ -285,4 +309,33 @@ def test_abort_in_every_state(cluster, state, side):
     else:  # the other side learns of it at once
         assert (d if side == "decode" else p) in cluster.emitted[side]
         assert p.finished_reason["type"] == d.finished_reason["type"] == "abort"
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [mooncake()], indirect=True)
+def test_one_sided_abort_fences_pages_until_the_writer_stops(cluster):
+    """Pages a one-sided writer may still hit stay out of use until it says it stopped."""
+    p, d = cluster.add("r", prompts(1, seed=4)[0], 40, room=9)
+    _prefilled(cluster, p, d)
+    pages = list(d.pages)
+    cluster.abort("decode", "r")
+    assert cluster.decode.fences == {9: (pages, cluster.decode.fences[9][1])}
+    assert cluster.d_sched.allocator.num_used == len(pages)  # held, though the request ended
+    cluster.net.release()
+    cluster.run(lambda: not cluster.decode.fences, limit_s=30)  # the writer's fence, not the 60 s timeout
+    cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [mooncake()], indirect=True)
+def test_dead_decode_instance_seen_by_the_writer(cluster, monkeypatch):
+    """A write the engine fails (the decode instance died) ends the request on both sides at once."""
+
+    def dead(*args, **kwargs):
+        raise TransportError("Mooncake write of 1 bytes to 127.0.0.1:1 failed")
+
+    monkeypatch.setattr(cluster.movers[0].plane.engine, "write", dead)
+    p, d = cluster.add("r", prompts(1)[0], N, room=4)
+    cluster.run(lambda: finished(p, d))
+    assert p.finished_reason["status_code"] == 502 and "not sent" in message(p)
+    assert "not sent" in message(d) and cluster.movers[0].sessions == {}  # it must ask again
     cluster.assert_clean()

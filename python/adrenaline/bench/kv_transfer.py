@@ -70,8 +70,8 @@ def mooncake_path(src: KVPool, dst: KVPool, protocol: str, device: str) -> Trans
     session = sender.connect(receiver.descriptor())
 
     def transfer(src_pages: list[int], dst_pages: list[int], room: int) -> None:
-        sender.write_pages(session, src_pages, dst_pages, room=room)
-        while room not in receiver.done_rooms():
+        sender.write_pages(session, src_pages, dst_pages, notice=(room, len(dst_pages)))
+        while room not in [r for r, _ in receiver.landed()]:
             time.sleep(0.0001)
 
     return transfer

@@ -1,12 +1,15 @@
 """Single instance vs 1P1D (prefill + decode behind SGLang's router), same machine, same workloads.
 
     python -m adrenaline.bench.pd --num-prompts 32 --max-concurrency 16 -- --dtype bfloat16
+    python -m adrenaline.bench.pd --pd-transport tcp mooncake --mixes prefill-heavy prompt-8k
 
 For each mix (decode-heavy: short prompts, long outputs; prefill-heavy: long prompts, short
 outputs) it serves the default model once as a single instance on all cores, then as a 1P1D pair
 with the prefill instance on the first half of the cores and the decode instance on the second,
-and drives each with ``sglang.benchmark.serving``. Prints a markdown table with throughput,
-TTFT/TPOT p50/p99 and the KV bytes the decode instance received per request.
+and drives each with ``sglang.benchmark.serving``, once per ``--pd-transport`` (side by side).
+Prints a markdown table with throughput, TTFT/TPOT p50/p99 and, per request, the KV bytes the
+prefill instance sent, the time its loop spent handing them to the data plane (KV send) and the
+time from its prompt computed to the decode side's acknowledgement (KV handoff).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from adrenaline.launch_pd import Cluster, router_command, wait_healthy, wait_ser
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.procs import free_port
 
-MIXES = {"decode-heavy": (64, 256), "prefill-heavy": (1024, 16)}
+MIXES = {"decode-heavy": (64, 256), "prefill-heavy": (1024, 16), "prompt-8k": (8000, 16)}
 
 
 @contextmanager
@@ -52,12 +55,23 @@ def pd_pair(extra: list[str], log_dir: str | None, prefill_extra: tuple = (), de
         cluster.stop()
 
 
-def row(name: str, mix: str, res: dict, kv_per_req: float | None) -> str:
-    kv = f"{kv_per_req / 2**20:.2f}" if kv_per_req is not None else "-"
+def pd_stats(port: int) -> dict:
+    return internal_state(port)["disaggregation"]
+
+
+def kv_per_request(before: dict, after: dict) -> tuple[float, float, float]:
+    """KV MiB, KV send ms and KV handoff ms per request, from the prefill side's statistics."""
+    n = max(after["transfers"] - before["transfers"], 1)
+    delta = {k: (after[k] - before[k]) / n for k in ("kv_bytes", "kv_send_s", "handoff_s")}
+    return delta["kv_bytes"] / 2**20, delta["kv_send_s"] * 1e3, delta["handoff_s"] * 1e3
+
+
+def row(name: str, mix: str, res: dict, kv: tuple[float, float, float] | None) -> str:
+    cells = "{:.2f} | {:.1f} | {:.1f}".format(*kv) if kv is not None else "- | - | -"
     return (
         f"| {name} | {mix} | {res['output_throughput']:.1f} | {res['request_throughput']:.2f} | "
         f"{res['median_ttft_ms']:.0f} / {res['p99_ttft_ms']:.0f} | "
-        f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {kv} |"
+        f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {cells} |"
     )
 
 
@@ -65,7 +79,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--max-concurrency", type=int, default=16)
-    ap.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    ap.add_argument("--mixes", nargs="+", default=["decode-heavy", "prefill-heavy"], choices=list(MIXES))
+    ap.add_argument(
+        "--pd-transport", nargs="+", default=["tcp"], choices=["tcp", "nccl", "mooncake"],
+        help="1P1D data planes to compare (one pair each)",
+    )  # fmt: skip
     ap.add_argument("--log-dir", default=None, help="keep the instances' logs here")
     args, extra = parse_args(ap)
     model = resolve_model_path(None)
@@ -78,20 +96,24 @@ def main() -> None:
             res = run_client(port, model, args)
             log_run(args, f"single {mix}", res, before, internal_state(port)["stats"], port)
             rows.append(row("single", mix, res, None))
-        with pd_pair(extra, args.log_dir) as (router_port, decode_port, prefill_port):
-            start = internal_state(decode_port)
-            res = run_client(router_port, model, args)
-            end = internal_state(decode_port)
-            log_run(args, f"1P1D {mix}", res, start["stats"], end["stats"], decode_port, prefill_port, extra)
-            before, after = start["disaggregation"], end["disaggregation"]
-            moved = after["bytes_received"] - before["bytes_received"]
-            rows.append(row("1P1D", mix, res, moved / max(after["transfers"] - before["transfers"], 1)))
-        print("\n".join(rows[-2:]), flush=True)
+        for transport in args.pd_transport:
+            pair_args = [*extra, "--pd-transport", transport]
+            with pd_pair(pair_args, args.log_dir) as (router_port, decode_port, prefill_port):
+                start, before = internal_state(decode_port), pd_stats(prefill_port)
+                res = run_client(router_port, model, args)
+                end, after = internal_state(decode_port), pd_stats(prefill_port)
+                run = f"1P1D {transport} {mix}"
+                log_run(args, run, res, start["stats"], end["stats"], decode_port, prefill_port, pair_args)
+            rows.append(row(f"1P1D {transport}", mix, res, kv_per_request(before, after)))
+        print("\n".join(rows[-1 - len(args.pd_transport) :]), flush=True)
     print(f"\nserver args: {' '.join(extra) or '(defaults)'}; {args.num_prompts} prompts, "
           f"concurrency {args.max_concurrency}; mixes (in/out): "
           + ", ".join(f"{m} {MIXES[m][0]}/{MIXES[m][1]}" for m in args.mixes))  # fmt: skip
-    print("| mode | mix | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | KV MiB/req |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| mode | mix | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | KV MiB/req "
+        "| KV send ms/req | KV handoff ms/req |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

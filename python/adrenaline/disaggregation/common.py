@@ -8,11 +8,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from adrenaline.core.request import Req
+from adrenaline.disaggregation.kv_move import TransportPages
 from adrenaline.disaggregation.protocol import KVLayout
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.scheduler.hooks import SchedulerHooks
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.transport.base import Message, Transport
+from adrenaline.transport.kv_pages import KVPageMover
 
 # SGLang's FAKE_BOOTSTRAP_HOST: warmup and health requests carry it and are served locally.
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
@@ -57,8 +59,10 @@ class TransferStats:
     failures: int = 0  # requests ended by a timeout, a cancel or a dead peer
     pages: int = 0  # KV pages moved
     kv_bytes: int = 0  # KV bytes moved over the transport (offloaded requests move none)
+    kv_send_s: float = 0.0  # prefill: time the loop spent handing pages to the data plane
+    handoff_s: float = 0.0  # prefill: summed time from each prompt computed to its decode side's ack
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
@@ -79,13 +83,16 @@ class TransferManager(SchedulerHooks, ABC):
         transport: Transport,
         timeout_s: float,
         emit: Callable[[Req], None],
+        mover: KVPageMover | None = None,
     ) -> None:
+        """``mover``: how KV pages travel (default: ``KVPages`` messages over ``transport``)."""
         self.scheduler = scheduler
         scheduler.attach(self)
         self.pool = pool
         self.page_size = pool.page_size
         self.layout = kv_layout(pool)
         self.transport = transport
+        self.mover = mover or TransportPages(pool, transport)
         self.timeout_s = timeout_s
         self.emit = emit
         self.stats = TransferStats()
@@ -122,6 +129,7 @@ class TransferManager(SchedulerHooks, ABC):
         return {
             "role": self.role,
             "transport": type(self.transport).__name__,
+            "kv_plane": self.mover.name,
             "address": self.transport.address,
             "peers": self.transport.peers(),
             "timeout_s": self.timeout_s,

@@ -7,6 +7,11 @@ restarted prefill instance by its new address). A request whose KV does not arri
 ``timeout_s`` ends with HTTP 504 and frees its pages; one whose KV was lost with a restarted
 prefill instance ends with HTTP 502 as soon as the new incarnation registers. While a
 request waits in the queue, keepalives tell its prefill instance (which holds its KV) to wait.
+
+Over a one-sided mover (Mooncake) the prefill side writes into the reserved pages itself: landed
+notices count the pages, and the first token (``KVDone``, on the control plane) waits for them. A
+transfer this side ends keeps its pages out of use until the prefill side fences them (or
+``timeout_s`` passes), so a late write never lands in another request's KV.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Inbound:
     received: int = 0  # pages written so far
     last_alive: float = 0.0  # when the prefill side last heard we still want it (while queued)
     asked: float = 0.0  # when the KV was asked for
+    done: KVDone | None = None  # the first token, once it came (one-sided: maybe before the pages)
 
 
 class DecodeTransfers(TransferManager):
@@ -63,6 +69,7 @@ class DecodeTransfers(TransferManager):
         self.loads = loads
         self.inbound: dict[int, Inbound] = {}  # bootstrap room -> queued or KV on its way
         self.directory = directory or PrefillDirectory()
+        self.fences: dict[int, tuple[list[int], float]] = {}  # room -> (held pages, until)
 
     # ---- requests from the front end ----------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -116,7 +123,8 @@ class DecodeTransfers(TransferManager):
         t.received = 0
         offload = not self.scheduler.placement.is_local(req)
         future = len(req.input_ids) + req.params.max_new_tokens
-        msg = KVRequest(PD_VERSION, t.room, req.rid, list(req.pages), self.layout, offload, future)
+        target = self.mover.target()
+        msg = KVRequest(PD_VERSION, t.room, req.rid, list(req.pages), self.layout, offload, future, target)
         try:
             PD.send(self.transport, t.peer, msg)
         except TransportError as e:
@@ -151,15 +159,45 @@ class DecodeTransfers(TransferManager):
             t.received = max(t.received, m.first + data.shape[2])
             self.stats.kv_bytes += data.numel() * data.element_size()
         elif isinstance(m, KVDone):
-            self._done(t, m)
+            t.done = m
+            self._take_landed()  # one-sided pages: their notices may still be unread
+            self._done(t)
         elif isinstance(m, KVCancel) and m.retry_local and not self.scheduler.placement.is_local(t.req):
             t.peer = None  # no executor room there: take its KV here after all
             self.scheduler.requeue_local(t.req)
         elif isinstance(m, KVCancel):
             self._fail(t, finish_abort(f"prefill instance: {m.message}", 502))
 
-    def _done(self, t: Inbound, m: KVDone) -> None:
-        pages = len(t.req.pages)
+    def _take_landed(self) -> None:
+        """Count the pages a one-sided mover reports landed; release the pages of fenced rooms."""
+        for room, pages in self.mover.landed():
+            t = self.inbound.get(room)
+            if t is not None and t.peer is not None:
+                t.received = max(t.received, pages)
+                t.deadline = time.monotonic() + self.timeout_s
+                self._done(t)
+        for room in self.mover.fenced():
+            self._unfence(room)
+
+    def _unfence(self, room: int) -> None:
+        pages, _ = self.fences.pop(room, ([], 0.0))
+        if pages:
+            self.scheduler.drop_pages(pages)
+
+    def tick(self) -> None:
+        self._take_landed()
+        super().tick()
+
+    def info(self) -> dict:
+        return {**super().info(), "fenced_rooms": len(self.fences)}
+
+    def _done(self, t: Inbound) -> None:
+        """Admit the request once both its first token and all its pages are in."""
+        m, pages = t.done, len(t.req.pages)
+        if m is None or self.inbound.get(t.room) is not t:
+            return
+        if t.received < pages and self.mover.one_sided:
+            return  # the landed notices are on their way, or the deadline ends it
         if t.received < pages:
             text = f"prefill finished with {t.received} of {pages} KV pages sent"
             self._fail(t, finish_abort(text, 500), tell_peer=text)
@@ -180,8 +218,12 @@ class DecodeTransfers(TransferManager):
         self.emit(t.req)
 
     def _end(self, t: Inbound, reason: dict, tell_peer: str | None = None) -> None:
-        """Forget a transfer, end its request with ``reason`` (the scheduler frees its pages)."""
+        """Forget a transfer, end its request with ``reason`` (the scheduler frees its pages; those
+        a one-sided writer may still hit are held until it fences them)."""
         self.inbound.pop(t.room, None)
+        if tell_peer and t.peer is not None and self.mover.one_sided and t.req.pages:
+            self.scheduler.hold_pages(list(t.req.pages))
+            self.fences[t.room] = (list(t.req.pages), time.monotonic() + self.timeout_s)
         if tell_peer and t.peer is not None:
             try:
                 PD.send(self.transport, t.peer, KVCancel(t.room, tell_peer))
@@ -199,6 +241,8 @@ class DecodeTransfers(TransferManager):
         for r in self.directory.restarts():
             self._restarted(r)
         now = time.monotonic()
+        for room in [room for room, (_, until) in self.fences.items() if until < now]:
+            self._unfence(room)  # its writer is gone or frozen past its own write timeout
         for t in self.inbound.values():
             if t.peer is None and now - t.last_alive > self.timeout_s / 3:
                 t.last_alive = now

@@ -7,7 +7,9 @@ until they are sent. Its reply (first token, prompt logprobs) leaves when the de
 acknowledges the KV; a decode side that never asks or acknowledges ends it with an error after
 ``timeout_s``, and every page is freed either way. Pages move through a ``KVPageMover``: over the
 transport, or in place into the colocated attention executor's pool for an offloaded request
-(whose page grant arrives later, without blocking the loop).
+(whose page grant arrives later, without blocking the loop). Pages that cannot be sent end the
+transfer at the next ``expire``. Over a one-sided mover (Mooncake), a decode side's cancel is
+answered with a fence once this side will write no more into its pages.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from functools import partial
 from adrenaline.core.batch import ScheduledReq
 from adrenaline.core.request import Req, finish_abort
 from adrenaline.disaggregation.common import TransferManager, bootstrap_of
-from adrenaline.disaggregation.kv_move import TransportPages
 from adrenaline.disaggregation.protocol import PD, KVAck, KVAlive, KVCancel, KVDone, KVRequest
 from adrenaline.kv_cache.allocator import num_pages
 from adrenaline.offload.link import ExecutorLink
@@ -44,6 +45,8 @@ class Outbound:
     offload: bool = False  # the KV goes into the attention executor's pool
     deadline: float = float("inf")  # set while waiting on the decode side, not while computing
     last_sent: float = 0.0  # keepalives tell a waiting decode side we are still at it
+    error: str | None = None  # pages could not be sent: ``expire`` ends the transfer
+    computed_at: float = 0.0  # when the whole prompt's KV was computed (for the handoff time)
 
 
 class PrefillTransfers(TransferManager):
@@ -53,7 +56,6 @@ class PrefillTransfers(TransferManager):
         """``executor``: the colocated attention executor (None: requests are never offloaded)."""
         super().__init__(*args, **kwargs)
         self.executor = executor
-        self.mover = TransportPages(self.pool, self.transport)
         self.out: dict[int, Outbound] = {}
         self.early: dict[int, tuple[str, KVRequest, float]] = {}  # asks ahead of their request
         self.ended: dict[int, tuple[str, float]] = {}  # rooms ended before their decode side asked
@@ -102,6 +104,7 @@ class PrefillTransfers(TransferManager):
             if t.peer is not None:
                 self._send_pages(t, t.req.pages[t.sent : ready])
             if t.prompt_done:
+                t.computed_at = t.computed_at or time.monotonic()
                 t.held = list(t.req.pages[t.sent : ready])
                 self.scheduler.hold_pages(t.held)
                 t.deadline = time.monotonic() + self.timeout_s
@@ -136,10 +139,9 @@ class PrefillTransfers(TransferManager):
             return
         t = self.out.get(m.room) if m is not None else None
         if isinstance(m, KVRequest):
-            if m.layout != self.layout:
-                self._refuse(
-                    msg.peer, m.room, f"KV layout mismatch: prefill {self.layout}, decode {m.layout}"
-                )
+            error = self._accept(msg.peer, m)
+            if error is not None:
+                self._refuse(msg.peer, m.room, error)
             elif t is None and m.room in self.ended:
                 self._refuse(msg.peer, m.room, self.ended.pop(m.room)[0])
             elif t is None:
@@ -149,15 +151,37 @@ class PrefillTransfers(TransferManager):
         elif isinstance(m, KVAlive):  # a decode side queued for room still wants this KV
             if t is not None and t.peer is None:
                 t.deadline = time.monotonic() + self.timeout_s
+        elif isinstance(m, KVCancel):
+            self._cancelled(msg.peer, m, t)
         elif t is None or t.peer != msg.peer:
             logger.debug("%s for no transfer of ours from %s dropped", msg.kind, msg.peer)
         elif isinstance(m, KVAck):
             self.stats.transfers += 1
+            self.stats.handoff_s += time.monotonic() - t.computed_at
             self.emit(t.req)
             del self.out[m.room]
-        elif isinstance(m, KVCancel):
+
+    def _accept(self, peer: str, m: KVRequest) -> str | None:
+        """Why a decode side's ask cannot be served (None: it can; its data plane is connected)."""
+        if m.layout != self.layout:
+            return f"KV layout mismatch: prefill {self.layout}, decode {m.layout}"
+        try:
+            self.mover.connect(peer, m.target)
+        except TransportError as e:
+            return str(e)
+        return None
+
+    def _cancelled(self, peer: str, m: KVCancel, t: Outbound | None) -> None:
+        """The decode side ended the room: stop, then fence its pages (no write of ours follows)."""
+        if t is not None and t.peer == peer:
             t.peer = None  # it asked us to stop: no cancel back
             self._fail(t, f"the decode instance cancelled the transfer: {m.message}", 502)
+        elif self.early.get(m.room, ("",))[0] == peer:
+            del self.early[m.room]
+        try:
+            self.mover.fence(peer, m.room)
+        except TransportError as e:
+            logger.warning("room %s not fenced at %s: %s", m.room, peer, e)
 
     def _refuse(self, peer: str, room: int, text: str) -> None:
         """A decode side's ask we cannot serve: tell it why, end our side of the room too."""
@@ -211,17 +235,20 @@ class PrefillTransfers(TransferManager):
 
     # ---- sending ------------------------------------------------------------------------------
     def _send_pages(self, t: Outbound, pages: list[int]) -> None:
-        if not pages:
+        if not pages or t.error is not None:
             return
         first = t.sent
         mover = self.executor.mover if t.offload else self.mover
+        start = time.perf_counter()
         try:
             self.stats.kv_bytes += mover.move(
                 t.peer, t.room, first, pages, t.dst_pages[first : first + len(pages)]
             )
         except TransportError as e:
-            logger.warning("KV pages of room %s not sent: %s", t.room, e)
-            return  # the deadline ends it
+            t.error = f"KV pages of bootstrap room {t.room} not sent: {e}"
+            return  # ``expire`` ends it, outside the scheduler's step
+        finally:
+            self.stats.kv_send_s += time.perf_counter() - start
         if not t.offload:
             t.last_sent = time.monotonic()
         t.sent += len(pages)
@@ -295,12 +322,12 @@ class PrefillTransfers(TransferManager):
         for t in self.out.values():  # still prefilling (queued, or a long prompt): say so
             if t.peer is not None and not t.done_sent and now - t.last_sent > self.timeout_s / 3:
                 self._send(t, KVAlive(t.room))
-        for t in [t for t in self.out.values() if t.deadline < now]:
+        for t in [t for t in self.out.values() if t.deadline < now or t.error is not None]:
             what = "acknowledged" if t.peer else "claimed"
             text = f"no decode instance {what} the KV of bootstrap room {t.room} within {self.timeout_s:g} s"
-            logger.warning(text)
-            self._cancel_peer(t, text)
-            self._fail(t, text, 504)
+            logger.warning(t.error or text)
+            self._cancel_peer(t, t.error or text)
+            self._fail(t, t.error or text, 502 if t.error else 504)
         self.ended = {room: e for room, e in self.ended.items() if e[1] >= now}
         for room, (peer, _, deadline) in list(self.early.items()):
             if deadline < now:

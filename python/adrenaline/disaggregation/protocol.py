@@ -1,7 +1,8 @@
 """Messages of the PD KV handshake (one version), between a decode and a prefill instance.
 
-decode -> prefill: ``KVRequest`` (the pages to fill, or offload; carries the version and the KV
-layout), ``KVAck`` once the KV is in, ``KVAlive`` while queued for room. prefill -> decode:
+decode -> prefill: ``KVRequest`` (the pages to fill, or offload; carries the version, the KV
+layout and, over Mooncake, where the decode pool is registered), ``KVAck`` once the KV is in,
+``KVAlive`` while queued for room. prefill -> decode:
 ``KVPages`` (with the packed pages), ``KVDone`` (the first token), ``KVAlive`` while prefilling.
 Either way: ``KVCancel``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from msgspec import Struct
 
 from adrenaline.offload.protocol import LoadReport
+from adrenaline.transport.mooncake_kv import KVPlaneDescriptor
 from adrenaline.transport.protocol import Protocol
 
 PD_VERSION = 1
@@ -34,6 +36,7 @@ class KVRequest(Struct):
     layout: KVLayout
     offload: bool = False  # keep the KV in the prefill side's attention executor
     future_tokens: int = 0  # prompt + max_new_tokens: what an offload commits on the executor
+    target: KVPlaneDescriptor | None = None  # one-sided data plane: write the pages straight in
 
 
 class KVPages(Struct):  # + one tensor: [layers, 2, n, page, kv_heads, head_dim]

@@ -9,7 +9,8 @@ packed q|k|v; it appends k and v to the pool and answers with the attention outp
 number of decode instances, one attention backend (plan) per instance. A decode instance on this
 host may move its steps and layers onto a shared-memory channel (``ShmOffer``): ``ShmServer`` then
 serves it on its own thread (``_shm_begin`` / ``_shm_attend``), under the server's lock wherever
-pages change, while ZeroMQ keeps the control messages.
+pages change, while ZeroMQ keeps the control messages. One on another host may move them onto the
+Mooncake Transfer Engine (``MooncakeOffer``), served the same way by ``MooncakeService``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from adrenaline.kv_cache.allocator import PageAllocator, num_pages
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.offload.ledger import ExecutorLedger
 from adrenaline.offload.load_aware import Reason
+from adrenaline.offload.mooncake_serve import MooncakeService
 from adrenaline.offload.protocol import (
     OFFLOAD,
     AttnError,
@@ -41,10 +43,13 @@ from adrenaline.offload.protocol import (
     ExecStatsAsk,
     ExecStatsReply,
     ExecutorStats,
+    MooncakeOffer,
+    MooncakeOfferReply,
     ShmOffer,
     ShmOfferReply,
 )
 from adrenaline.transport.base import Message, Transport, TransportError
+from adrenaline.transport.mooncake_engine import MooncakeEngine
 from adrenaline.transport.protocol import Mismatch
 from adrenaline.transport.shm_exchange import StepMeta
 from adrenaline.transport.shm_server import ShmServer
@@ -65,8 +70,15 @@ class _Step:
 
 class AttentionExecutor:
     def __init__(
-        self, pool: KVPool, transport: Transport, num_heads: int, num_kv_heads: int, backend: str
+        self,
+        pool: KVPool,
+        transport: Transport,
+        num_heads: int,
+        num_kv_heads: int,
+        backend: str,
+        mooncake: MooncakeEngine | None = None,
     ) -> None:
+        """``mooncake``: an engine to serve decode instances' Mooncake links on (None: refuse them)."""
         self.pool = pool
         self.transport = transport
         self.heads = (num_heads, num_kv_heads, pool.k[0].shape[-1])
@@ -80,6 +92,10 @@ class AttentionExecutor:
         self.backends: dict[str, AttentionBackend] = {}
         self.layers_served = 0
         self.shm = ShmServer(self._shm_attend, self._shm_begin, self._shm_closed, device=pool.device)
+        self.mooncake = None
+        if mooncake is not None:
+            args = (self.heads, pool.dtype, pool.device, self._shm_begin, self._shm_attend, self.shm.lock)
+            self.mooncake = MooncakeService(mooncake, *args)
         create_backend(backend, pool, num_heads, num_kv_heads, self.heads[2])  # build its kernels now
 
     # ---- requests' pages ------------------------------------------------------------------------
@@ -133,6 +149,8 @@ class AttentionExecutor:
             self._alloc(msg.peer, m)
         elif isinstance(m, ShmOffer):
             self._attach(msg.peer, m)
+        elif isinstance(m, MooncakeOffer):
+            self._attach_mooncake(msg.peer, m)
         elif isinstance(m, ExecStatsAsk):
             OFFLOAD.send(self.transport, msg.peer, ExecStatsReply(m.ask, self.stats()))
         elif isinstance(m, Mismatch):
@@ -147,6 +165,8 @@ class AttentionExecutor:
             self.steps[peer] = _Step(m.meta.get("step", -1), None, m.error)
         elif m.kind == ShmOffer.__name__:
             OFFLOAD.send(self.transport, peer, ShmOfferReply(m.error))
+        elif m.kind == MooncakeOffer.__name__:
+            OFFLOAD.send(self.transport, peer, MooncakeOfferReply(None, m.error))
         elif m.kind == ExecAlloc.__name__:
             reply = ExecAllocReply(m.meta.get("ask", -1), m.meta.get("room", -1), self.stats(), None, m.error)
             OFFLOAD.send(self.transport, peer, reply)
@@ -217,6 +237,15 @@ class AttentionExecutor:
             error = f"{type(e).__name__}: {e}"
         OFFLOAD.send(self.transport, peer, ShmOfferReply(error))
 
+    def _attach_mooncake(self, peer: str, m: MooncakeOffer) -> None:
+        reply = MooncakeOfferReply(None, "this attention executor runs without Mooncake")
+        if self.mooncake is not None:
+            try:
+                reply = MooncakeOfferReply(self.mooncake.attach(m.endpoint))
+            except TransportError as e:
+                reply = MooncakeOfferReply(None, f"{type(e).__name__}: {e}")
+        OFFLOAD.send(self.transport, peer, reply)
+
     def _shm_begin(self, meta: StepMeta) -> tuple[int, int]:
         self._free(meta.frees)
         if meta.rooms:
@@ -258,6 +287,8 @@ class AttentionExecutor:
                 checked = time.monotonic()
                 if not alive():
                     self.shm.close()
+                    if self.mooncake is not None:
+                        self.mooncake.close()
                     return
                 with self.shm.lock:
                     self._housekeeping(checked)

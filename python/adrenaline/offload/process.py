@@ -54,9 +54,11 @@ def _run(
     backend: str,
     transport: tuple,
     threads: int,
+    mooncake: tuple | None,
     conn,
 ) -> None:
     from adrenaline.offload.executor import AttentionExecutor
+    from adrenaline.transport.mooncake_engine import MooncakeEngine
 
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -64,7 +66,8 @@ def _run(
     torch.set_num_threads(threads)  # decode attention is memory-bound: one core's bandwidth may do
     priority = _raise_priority()
     pool = KVPool.from_tensors(*pool_tensors)
-    executor = AttentionExecutor(pool, create_transport(*transport), *heads, backend)
+    engine = MooncakeEngine(*mooncake) if mooncake is not None else None
+    executor = AttentionExecutor(pool, create_transport(*transport), *heads, backend, engine)
     conn.send(executor.transport.address)
     parent = os.getppid()
     logger.info(
@@ -101,10 +104,13 @@ def start_executor(
     transport: tuple[str, str, str | None],
     sm_percent: int | None = None,
     threads: int = 1,
+    mooncake: tuple[str, str, str, float] | None = None,
 ) -> tuple[Any, str]:
     """Spawn the executor over ``pool`` (moved to shared memory on CPU); returns (process, address).
 
-    ``transport`` is ``create_transport``'s arguments: (kind, bind host, advertise host).
+    ``transport`` is ``create_transport``'s arguments: (kind, bind host, advertise host);
+    ``mooncake`` a ``MooncakeEngine``'s (host, protocol, device, timeout), to serve decode
+    instances on other hosts over it.
     ``sm_percent``: the executor's SM share under MPS (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, read
     when the child initialises CUDA, which it does first thing: unpickling the pool's IPC handles).
     Without an MPS daemon the variable is ignored and the executor time-shares the GPU.
@@ -119,7 +125,7 @@ def start_executor(
     parent_conn, child_conn = ctx.Pipe()
     proc = ctx.Process(
         target=_run,
-        args=((pool.k, pool.v), (num_heads, num_kv_heads), backend, transport, threads, child_conn),
+        args=((pool.k, pool.v), (num_heads, num_kv_heads), backend, transport, threads, mooncake, child_conn),
         daemon=True,
     )
     with _child_env(MPS_SHARE_ENV, None if sm_percent is None else str(sm_percent)):

@@ -4,7 +4,9 @@ Per decode step, a decode instance sends each executor of its offloaded group on
 (rooms, lengths, rooms freed since), then per layer one ``AttnQKV`` with the packed q|k|v; the
 executor answers each layer with ``AttnOut`` (the output, plus its KV usage) or ``AttnError``. On
 one host, a ``ShmOffer`` answered by ``ShmOfferReply`` moves that per-step and per-layer traffic
-onto a shared-memory channel (``transport/shm_exchange.py``); control stays here. The
+onto a shared-memory channel (``transport/shm_exchange.py``); between hosts, a ``MooncakeOffer``
+answered by ``MooncakeOfferReply`` moves it onto the Mooncake Transfer Engine
+(``transport/mooncake_offload.py``); control stays here. The
 prefill scheduler beside an executor reserves pages for an offloaded prompt (``ExecAlloc``, which
 carries the version), frees them and reads the executor's statistics, never waiting for a reply.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from msgspec import Struct
 
+from adrenaline.transport.mooncake_offload import OffloadEndpoint
 from adrenaline.transport.protocol import Protocol
 
 OFFLOAD_VERSION = 1
@@ -68,7 +71,17 @@ class ShmOffer(Struct):  # same-host fast path: attach to this shared-memory cha
     offer: dict
 
 
+class MooncakeOffer(Struct):  # between hosts: write q|k|v one-sided, here is where outputs go
+    version: int
+    endpoint: OffloadEndpoint
+
+
 # ---- executor -> decode instance ---------------------------------------------------------------
+class MooncakeOfferReply(Struct):
+    endpoint: OffloadEndpoint | None = None  # where q|k|v go; None: refused (``error``)
+    error: str | None = None
+
+
 class ShmOfferReply(Struct):
     error: str | None = None  # None: attached; per-layer data now goes through the channel
 
@@ -127,6 +140,8 @@ OFFLOAD = Protocol(
         AttnFree,
         ShmOffer,
         ShmOfferReply,
+        MooncakeOffer,
+        MooncakeOfferReply,
         AttnOut,
         AttnError,
         ExecAlloc,

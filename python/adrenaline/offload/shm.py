@@ -6,6 +6,8 @@ executor's step metadata, frees, q|k|v and outputs go through the channel (no pi
 call per layer). An executor that refuses (another host, another layout) or does not answer keeps
 the TCP path (``TransportExchange``), as does any step whose group has more rows than the channel
 holds: a batch cannot overflow the buffers. Control (page allocation, statistics) stays on ZeroMQ.
+Under ``--pd-transport mooncake`` the path for executors on other hosts is the Mooncake exchange
+(``fallback``) instead of TCP.
 
 The executor reports its KV pages in the channel at each step (``executor_pages``, the load view).
 Failures read as on TCP: a dead executor raises ``RemoteAttentionError`` as soon as its process
@@ -34,11 +36,18 @@ logger = logging.getLogger(__name__)
 
 
 class ShmExchange(AttentionExchange):
-    def __init__(self, transport: Transport, layout: ShmLayout, timeout_s: float, mode: str = "auto") -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        layout: ShmLayout,
+        timeout_s: float,
+        mode: str = "auto",
+        fallback: AttentionExchange | None = None,
+    ) -> None:
         if mode not in ("auto", "shm"):
             raise ValueError(f"ShmExchange mode {mode!r}: auto or shm (tcp is TransportExchange)")
         super().__init__()
-        self.tcp = TransportExchange(transport)
+        self.tcp = fallback or TransportExchange(transport)  # executors without a channel
         self.executor_pages = self.tcp.executor_pages  # one view of the executors' KV usage
         self.layout, self.timeout_s, self.mode = layout, timeout_s, mode
         self.channels: dict[str, ShmClientChannel] = {}
@@ -173,9 +182,11 @@ class ShmExchange(AttentionExchange):
             "kind": self.mode,
             "shm_executors": sorted(self.channels),
             "tcp_executors": sorted(self.tcp_only),
+            **({"fallback": self.tcp.info()} if not isinstance(self.tcp, TransportExchange) else {}),
         }
 
     def close(self) -> None:
         for ch in self.channels.values():
             ch.close()
         self.channels.clear()
+        self.tcp.close()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from adrenaline.config import EngineConfig
+from adrenaline.transport.mooncake_engine import mooncake_missing
 
 # SGLang --attention-backend -> ours. "torch" is our name; SGLang's CLI spells it torch_native.
 ATTENTION_BACKENDS = {
@@ -96,6 +97,8 @@ class AdrenalineArgs:
     pd_transport: str = "tcp"
     pd_timeout: float = 60.0
     pd_advertise_host: str | None = None
+    mooncake_protocol: str = "tcp"
+    mooncake_device: str = ""
     enable_attention_offload: bool = False
     attention_offload_ratio: float | None = None
     attention_offload_policy: str | None = None
@@ -115,9 +118,21 @@ class AdrenalineArgs:
         group = parser.add_argument_group("Adrenaline")
         group.add_argument(
             "--pd-transport",
-            choices=["tcp", "nccl"],
+            choices=["tcp", "nccl", "mooncake"],
             default=AdrenalineArgs.pd_transport,
-            help="PD KV data plane: tcp (host memory, any machine) or nccl (GPU to GPU)",
+            help="PD KV data plane: tcp (host memory, any machine), nccl (GPU to GPU) or mooncake "
+            "(one-sided writes over the Mooncake Transfer Engine; also the offload exchange between hosts)",
+        )
+        group.add_argument(
+            "--mooncake-protocol",
+            choices=["tcp", "rdma", "nvlink"],
+            default=AdrenalineArgs.mooncake_protocol,
+            help="--pd-transport mooncake: the engine's protocol (startup fails if it cannot run it)",
+        )
+        group.add_argument(
+            "--mooncake-device",
+            default=AdrenalineArgs.mooncake_device,
+            help="--pd-transport mooncake, rdma: the RDMA device(s), comma-separated (e.g. mlx5_0)",
         )
         group.add_argument(
             "--pd-timeout",
@@ -196,10 +211,11 @@ class AdrenalineArgs:
         )
         group.add_argument(
             "--offload-exchange",
-            choices=["auto", "shm", "tcp"],
+            choices=["auto", "shm", "tcp", "mooncake"],
             default=AdrenalineArgs.offload_exchange,
             help="decode: per-layer data path to executors: shared memory where the executor is on this "
-            "host, else TCP (auto); shared memory only (shm; without it, recompute locally); tcp",
+            "host, else Mooncake under --pd-transport mooncake, else TCP (auto); shared memory only (shm; "
+            "without it, recompute locally); tcp; mooncake (also on this host)",
         )
 
         group.add_argument(
@@ -215,6 +231,12 @@ class AdrenalineArgs:
         for name in ("pd_timeout", "offload_timeout"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if "mooncake" in (args.pd_transport, args.offload_exchange):
+            missing = mooncake_missing()
+            if missing is not None:
+                raise ValueError(f"--pd-transport mooncake: {missing}")
+        if args.offload_exchange == "mooncake" and args.pd_transport != "mooncake":
+            raise ValueError("--offload-exchange mooncake needs --pd-transport mooncake")
         if args.max_parallel_samples < 1:
             raise ValueError("--max-parallel-samples must be at least 1")
         ratio = args.attention_offload_ratio

@@ -22,7 +22,6 @@ from adrenaline.disaggregation.prefill import PrefillTransfers
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.offload.colocation import CoreSplit, choose_executor_threads, split_cores
-from adrenaline.offload.exchange import AttentionExchange, TransportExchange
 from adrenaline.offload.link import ExecutorLink
 from adrenaline.offload.load_aware import Slo
 from adrenaline.offload.load_aware_offload import LoadAwareOffload
@@ -30,13 +29,11 @@ from adrenaline.offload.manager import OffloadManager
 from adrenaline.offload.policy import OffloadPolicy, StaticRatioPolicy
 from adrenaline.offload.process import start_executor
 from adrenaline.offload.profile_source import resolve_profile
-from adrenaline.offload.shm import ShmExchange
 from adrenaline.offload.supervisor import ExecutorSupervisor
 from adrenaline.runner.model_runner import ModelRunner
 from adrenaline.scheduler.scheduler import Scheduler
 from adrenaline.server.args import AdrenalineArgs
-from adrenaline.transport import Transport, create_transport
-from adrenaline.transport.shm_segment import ShmLayout
+from adrenaline.server.data_plane import DataPlane, data_plane, offload_exchange
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +49,7 @@ class Role:
             self.supervisor.terminate()
         if self.pd is not None:
             self.pd.transport.close()
+            self.pd.mover.close()
 
 
 def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, tokenizer, emit, config) -> Role:
@@ -59,23 +57,26 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
     mode = server_args.disaggregation_mode
     if mode not in ("prefill", "decode"):
         return Role(Scheduler(runner, config, tokenizer))
-    transport_args = (ours.pd_transport, server_args.host, ours.pd_advertise_host)
-    transport = create_transport(*transport_args)
+    plane = data_plane(ours, server_args.host)
+    transport, mover = plane.transport, plane.mover(runner.pool)
     if mode == "decode":
         placement = None
         policy = _offload_policy(ours, runner, config)
         if policy is not None:
-            exchange = _exchange(ours, runner, config, transport)
+            mc = runner.model_config
+            heads = (mc.num_heads, mc.num_kv_heads, mc.head_dim)
+            rows = ours.max_offloaded_requests or config.max_running_requests
+            exchange = offload_exchange(ours, plane, heads, runner.dtype, rows, runner.device)
             placement = OffloadManager(policy, exchange, ours.offload_timeout)
         scheduler = Scheduler(runner, config, tokenizer, placement)
         loads = placement.prefill_load if placement is not None else None
-        pd = DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, loads=loads)
+        pd = DecodeTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, mover, loads=loads)
         return Role(scheduler, pd)
     scheduler = Scheduler(runner, config, tokenizer)
     role = Role(scheduler)
     executor = None
     if ours.enable_attention_offload:
-        executor, role.supervisor = _start_executor(ours, runner, config, transport, transport_args)
+        executor, role.supervisor = _start_executor(ours, runner, config, plane)
     register_prefill(
         server_args.host,
         server_args.disaggregation_bootstrap_port,
@@ -84,19 +85,9 @@ def build_role(server_args: Any, ours: AdrenalineArgs, runner: ModelRunner, toke
         str(runner.dtype).removeprefix("torch."),
         server_args.port,
     )
-    role.pd = PrefillTransfers(scheduler, runner.pool, transport, ours.pd_timeout, emit, executor=executor)
+    args = (scheduler, runner.pool, transport, ours.pd_timeout, emit, mover)
+    role.pd = PrefillTransfers(*args, executor=executor)
     return role
-
-
-def _exchange(ours: AdrenalineArgs, runner: ModelRunner, config, transport: Transport) -> AttentionExchange:
-    """The decode side's per-layer data path; shared-memory channels hold the largest offloaded
-    group (``--max-offloaded-requests``, else the running cap): a larger one goes over TCP."""
-    if ours.offload_exchange == "tcp" or runner.device.type != "cpu":
-        return TransportExchange(transport)
-    mc = runner.model_config
-    rows = ours.max_offloaded_requests or config.max_running_requests
-    layout = ShmLayout(rows, mc.num_heads, mc.num_kv_heads, mc.head_dim, runner.dtype)
-    return ShmExchange(transport, layout, ours.offload_timeout, ours.offload_exchange)
 
 
 def _profile(ours: AdrenalineArgs, runner: ModelRunner, config) -> Profile:
@@ -133,7 +124,7 @@ def _core_split(ours: AdrenalineArgs, runner: ModelRunner, config, pool: KVPool)
 
 
 def _start_executor(
-    ours: AdrenalineArgs, runner: ModelRunner, config, transport: Transport, transport_args: tuple
+    ours: AdrenalineArgs, runner: ModelRunner, config, plane: DataPlane
 ) -> tuple[ExecutorLink, ExecutorSupervisor]:
     """The attention executor beside this prefill instance, over a pool shared with it."""
     mc = runner.model_config
@@ -149,9 +140,10 @@ def _start_executor(
             mc.num_heads,
             mc.num_kv_heads,
             config.attention_backend,
-            transport_args,
+            plane.transport_args,
             ours.executor_sm_percent,
             len(split.executor) if split is not None else 1,
+            plane.engine_args,
         )
         if split is not None:  # again for each restarted executor
             split.apply(proc.pid, os.getpid())
@@ -159,5 +151,5 @@ def _start_executor(
 
     proc, address = start()
     logger.info("attention executor at %s: %d KV tokens", address, pool.num_slots)
-    link = ExecutorLink(transport, address, runner.pool, pool)
+    link = ExecutorLink(plane.transport, address, runner.pool, pool)
     return link, ExecutorSupervisor(start, proc, link)

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from adrenaline.transport.base import TransportError
-from adrenaline.transport.zmq_transport import reachable_host
+from adrenaline.transport.base import TransportError, reachable_host
 
 INSTALL_HINT = (
     'pip install -e ".[mooncake]" (CPU; on GPU machines pip install mooncake-transfer-engine instead) '

@@ -4,10 +4,11 @@ pages the decode side reserved.
 Each side registers its whole KV pool (every layer's K and V) once and hands its
 ``KVPlaneDescriptor`` to the other over the control plane (ZeroMQ). The decode side reserves the
 prompt's pages first and sends their ids; the prefill side then ``write_pages`` as chunks are
-computed (contiguous runs of pages coalesced, all layers in one batched write) and marks the last
-write of a request with its bootstrap room, which reaches the decode side as a completion notice
-(``done_rooms``). Nothing is staged through host messages: over RDMA or NVLink the NIC or the GPU
-copies pool to pool.
+computed (contiguous runs of pages coalesced, all layers in one batched write), each write followed
+by a notice of how many of the room's pages have landed (``landed``): the decode side counts them
+as it would count ``KVPages`` messages. A sender that will write no more into a room's pages (its
+transfer ended) says so with a ``fence`` notice, after which the receiver may reuse them. Nothing
+is staged through host messages: over RDMA or NVLink the NIC or the GPU copies pool to pool.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from adrenaline.transport.base import TransportError
 from adrenaline.transport.mooncake_engine import MooncakeEngine, Region, RegionError
 
 PLANE_VERSION = 1
-KV_DONE_NOTICE = "adrenaline.kv_done"  # notice name; its message is the bootstrap room
+KV_LANDED_NOTICE = "adrenaline.kv_landed"  # message: "<bootstrap room> <pages of the room landed>"
+KV_FENCE_NOTICE = "adrenaline.kv_fence"  # message: the bootstrap room no more writes will touch
 
 
 class LayoutMismatch(TransportError):
@@ -118,10 +120,11 @@ class MooncakeKVPlane:
         self.peers.pop(session, None)
 
     def write_pages(
-        self, session: str, src_pages: list[int], dst_pages: list[int], room: int | None = None
+        self, session: str, src_pages: list[int], dst_pages: list[int], notice: tuple[int, int] | None = None
     ) -> int:
-        """Write our ``src_pages`` into the peer's ``dst_pages`` for every layer; with ``room``, the
-        peer is told that the room's KV is complete once these pages have landed. Returns bytes.
+        """Write our ``src_pages`` into the peer's ``dst_pages`` for every layer; with ``notice``
+        (room, pages), the peer learns that the room's first ``pages`` pages have landed once these
+        have. Returns bytes.
 
         TransportError (the peer is dropped: connect again) or RegionError (nothing was written).
         """
@@ -137,7 +140,7 @@ class MooncakeKVPlane:
                 srcs.append(mine.addr + s * pb)
                 dsts.append(theirs + d * pb)
                 lens.append(n * pb)
-        notify = (KV_DONE_NOTICE, str(room)) if room is not None else None
+        notify = (KV_LANDED_NOTICE, f"{notice[0]} {notice[1]}") if notice is not None else None
         if self.pool.device.type == "cuda":  # the engine reads the pool itself: kernels must be done
             torch.cuda.synchronize(self.pool.device)
         try:
@@ -153,9 +156,19 @@ class MooncakeKVPlane:
         self.stats.bytes += sum(lens)
         return sum(lens)
 
-    def done_rooms(self) -> list[int]:
-        """Rooms whose KV arrived completely since the last call (receiving side)."""
-        return [int(m) for m in self.engine.take(KV_DONE_NOTICE)]
+    def fence(self, session: str, room: int) -> None:
+        """Tell the peer we will not write into ``room``'s pages again (after every earlier write)."""
+        peer = self.peers.get(session)
+        if peer is not None:
+            self.engine.write(session, [], [], [], peer.regions(), (KV_FENCE_NOTICE, str(room)))
+
+    def landed(self) -> list[tuple[int, int]]:
+        """(room, pages of it landed) for each notice since the last call (receiving side)."""
+        return [(int(r), int(n)) for r, n in (m.split() for m in self.engine.take(KV_LANDED_NOTICE))]
+
+    def fenced(self) -> list[int]:
+        """Rooms whose sender has fenced them since the last call (receiving side)."""
+        return [int(m) for m in self.engine.take(KV_FENCE_NOTICE)]
 
     def close(self) -> None:
         for region in self._regions:
