@@ -31,6 +31,22 @@ def test_allocator_accounting_and_prefix_reuse():
     assert a.flush() and a.num_cached == 0 and a.num_available == 8
 
 
+def test_freed_runs_come_back_as_runs_and_prefixes_lose_their_tail_first():
+    """One-sided KV writes move a run of pages as one entry: recycling must not reverse runs."""
+    a = PageAllocator(num_pages=8, page_size=4)
+    first = a.alloc(5)
+    assert first == [0, 1, 2, 3, 4]
+    a.free(first)
+    assert a.alloc(4) == [0, 1, 2, 3]
+    a.free([0, 1, 2, 3])
+    tokens = list(range(32))
+    pages = a.alloc(8)
+    a.publish(pages, page_hashes(tokens, 4))
+    a.free(pages)
+    a.alloc(3)  # evicts three cached pages: the prefix's last three
+    assert a.match_prefix(page_hashes(tokens, 4)) == pages[:5]
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_factory):
     return tiny_model_factory("llama")

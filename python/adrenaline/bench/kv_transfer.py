@@ -12,6 +12,10 @@ of the other, as the PD planes move them:
 - ``mooncake``: ``MooncakeKVPlane.write_pages`` (runs of pages coalesced, batched writes, a
   completion notice with the room), timed until the receiver sees the room.
 
+The receiving pages are ``scattered`` (a churned decode pool's free list) or ``contiguous`` (a
+fresh one): Mooncake writes each contiguous run of pages per layer and K/V as one entry, so the
+layout sets how many entries a request costs, and over TCP each entry pays a fixed overhead.
+
 Both ends live in this process (each plane moves the bytes on its own threads). The paths are
 interleaved per repetition, after one uncounted warm-up round, so drift in the machine's load
 hits both alike. Prints median and mean milliseconds per request and the effective GB/s.
@@ -88,6 +92,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--protocol", default="tcp", help="Mooncake protocol: tcp, rdma, nvlink")
     ap.add_argument("--mooncake-device", default="", help="RDMA device(s), e.g. mlx5_0")
+    layouts = ["scattered", "contiguous"]
+    ap.add_argument("--dst", nargs="+", default=layouts, choices=layouts, help="receiving pages")
     args = ap.parse_args()
 
     need = max(-(-t // args.page_size) for t in args.tokens)
@@ -96,30 +102,35 @@ def main() -> None:
         "zmq": zmq_path(src, dst),
         "mooncake": mooncake_path(src, dst, args.protocol, args.mooncake_device),
     }
-    times: dict[tuple[str, int], list[float]] = {(p, t): [] for p in paths for t in args.tokens}
+    cases = [(p, t, d) for t in args.tokens for d in args.dst for p in paths]
+    times: dict[tuple[str, int, str], list[float]] = {c: [] for c in cases}
     rng = random.Random(0)
     room = 0
     for rep in range(args.reps + 1):  # the first round connects and warms up: not counted
         for tokens in args.tokens:
             n = -(-tokens // args.page_size)
-            dst_pages = rng.sample(range(need), n)  # a decode pool's free pages are scattered
-            for name, transfer in paths.items():
-                room += 1
-                start = time.perf_counter()
-                transfer(list(range(n)), dst_pages, room)
-                if rep:
-                    times[name, tokens].append(time.perf_counter() - start)
+            for layout in args.dst:
+                fresh = list(range(need - n, need))  # a fresh pool hands out a run
+                dst_pages = rng.sample(range(need), n) if layout == "scattered" else fresh
+                for name, transfer in paths.items():
+                    room += 1
+                    start = time.perf_counter()
+                    transfer(list(range(n)), dst_pages, room)
+                    if rep:
+                        times[name, tokens, layout].append(time.perf_counter() - start)
                 for a, b in zip(src.k + src.v, dst.k + dst.v):  # both paths must deliver the pages
                     assert torch.equal(b[dst_pages].view(torch.uint8), a[:n].view(torch.uint8)), name
                     b.zero_()
 
     page_bytes = src.k[0][0].numel() * src.k[0].element_size() * 2 * args.layers
     print(f"KV layout: {args.layers} layers x {args.kv_heads} kv heads x {args.head_dim} dim, {args.dtype}")
-    print(f"{'tokens':>7} {'path':>9} {'MB':>8} {'median ms':>10} {'mean ms':>9} {'GB/s':>6}")
-    for (name, tokens), ts in sorted(times.items(), key=lambda kv: kv[0][1]):
+    head = ("tokens", "dst pages", "path", "MB", "median ms", "mean ms", "GB/s")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (7, 10, 9, 8, 10, 9, 6))))
+    for name, tokens, layout in cases:
+        ts = times[name, tokens, layout]
         mb = -(-tokens // args.page_size) * page_bytes / 1e6
         med, mean = statistics.median(ts) * 1e3, statistics.mean(ts) * 1e3
-        print(f"{tokens:>7} {name:>9} {mb:>8.1f} {med:>10.2f} {mean:>9.2f} {mb / med:>6.2f}")
+        print(f"{tokens:>7} {layout:>10} {name:>9} {mb:>8.1f} {med:>10.2f} {mean:>9.2f} {mb / med:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,10 @@ class PageAllocator:
             self._refs[p] += 1
 
     def free(self, pages: Sequence[int]) -> None:
-        for p in pages:
+        """Release one reference on each page. Freed pages go back so that the next ``alloc`` hands
+        them out in their order again: a run stays a run, which one-sided KV writes move as one; and a
+        cached prefix becomes evictable tail first, so eviction keeps its head matchable."""
+        for p in reversed(pages):
             if self._refs[p] <= 0:
                 raise KVPoolCorrupted(f"double free of page {p}")
             self._refs[p] -= 1
