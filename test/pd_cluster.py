@@ -101,6 +101,7 @@ class Cluster:
         self.d_sched = Scheduler(de.runner, de.config, None, placement)
         self.bootstrap = {BOOT: pt.address}  # what the bootstrap server answers
         directory = PrefillDirectory(lambda *boot: self.bootstrap[boot], interval_s=None)
+        directory.address(BOOT)  # known, as to a decode instance that has served requests from it
         emit = self.emitted["decode"].append
         args = (self.d_sched, de.runner.pool, dt, pd_timeout, emit, self.movers[1])
         self.decode = DecodeTransfers(*args, directory=directory)

@@ -309,6 +309,8 @@ def test_abort_in_every_state(cluster, state, side):
     else:  # the other side learns of it at once
         assert (d if side == "decode" else p) in cluster.emitted[side]
         assert p.finished_reason["type"] == d.finished_reason["type"] == "abort"
+        if side == "decode" and state == "queued":  # told, not left waiting for the ask until --pd-timeout
+            assert "cancelled" in message(p), message(p)
     cluster.assert_clean()
 
 

@@ -224,9 +224,11 @@ class DecodeTransfers(TransferManager):
         if tell_peer and t.peer is not None and self.mover.one_sided and t.req.pages:
             self.scheduler.hold_pages(list(t.req.pages))
             self.fences[t.room] = (list(t.req.pages), time.monotonic() + self.timeout_s)
-        if tell_peer and t.peer is not None:
+        # a request still queued here has not asked yet, but its prefill instance holds its KV
+        peer = t.peer if t.peer is not None else self.directory.cached(t.bootstrap)
+        if tell_peer and peer is not None:
             try:
-                PD.send(self.transport, t.peer, KVCancel(t.room, tell_peer))
+                PD.send(self.transport, peer, KVCancel(t.room, tell_peer))
             except TransportError:
                 pass
         if not self.scheduler.abort(t.req.rid, reason):

@@ -44,12 +44,17 @@ class PrefillDirectory:
 
     def address(self, bootstrap: Bootstrap) -> str:
         """The cached address, or a lookup now (OSError when the bootstrap server cannot tell)."""
-        with self._lock:
-            known = self._addresses.get(bootstrap)
+        known = self.cached(bootstrap)
         if known is not None:
-            return known[0]
+            return known
         self.learn(bootstrap, self.lookup(*bootstrap))
         return self._addresses[bootstrap][0]
+
+    def cached(self, bootstrap: Bootstrap) -> str | None:
+        """The address known without asking (None: not looked up yet)."""
+        with self._lock:
+            known = self._addresses.get(bootstrap)
+        return known[0] if known is not None else None
 
     def learn(self, bootstrap: Bootstrap, address: str) -> None:
         """Record what the bootstrap server answered; a new address is a restart."""

@@ -173,7 +173,7 @@ class PrefillTransfers(TransferManager):
 
     def _cancelled(self, peer: str, m: KVCancel, t: Outbound | None) -> None:
         """The decode side ended the room: stop, then fence its pages (no write of ours follows)."""
-        if t is not None and t.peer == peer:
+        if t is not None and t.peer in (None, peer):  # None: it was still queued there, unasked
             t.peer = None  # it asked us to stop: no cancel back
             self._fail(t, f"the decode instance cancelled the transfer: {m.message}", 502)
         elif self.early.get(m.room, ("",))[0] == peer:
