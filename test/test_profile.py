@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import pickle
 import subprocess
 import sys
 
 import pytest
+from sglang.srt.managers import io_struct as io
 
-from adrenaline.core.profile import load_profile
+from adrenaline.core.profile import Curve, Profile, load_profile
+from adrenaline.model_config import ModelConfig
+from adrenaline.profile.overhead import OverheadRig
 from adrenaline.profile.run import Plan, rising_grid
 
 
@@ -28,17 +32,54 @@ def test_quick_profile_of_a_tiny_model(tiny_model_factory, tmp_path):
     plan = Plan.of(quick=True)
     assert (p.num_layers, p.dtype, p.device, p.executor_threads) == (3, "float32", "cpu", 1)
     assert p.decode_dense.x == plan.dense_batches and p.exchange.x == plan.exchange_rows
+    assert p.decode_overhead.x == plan.dense_batches
     assert p.local_attention.batch == plan.attn_batches and p.executor_attention.context == plan.contexts
     values = [
         *p.decode_dense.y, *p.exchange.y, *p.executor_threads_scaling.y, *p.prefill_interference.y,
+        *p.decode_overhead.y,
         *(v for g in (p.local_attention, p.executor_attention) for row in g.ms for v in row),
     ]  # fmt: skip
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert p.dense_ms(4) >= p.dense_ms(1) and p.exchange_ms(4) >= p.exchange_ms(1)
     assert p.local_attention_ms(4, 256) >= p.local_attention_ms(1, 64)
-    assert p.step_ms(4, 256) == p.dense_ms(4) + 3 * p.local_attention_ms(4, 256)
+    assert p.overhead_ms(4) >= p.overhead_ms(1)
+    assert p.step_ms(4, 256) == p.dense_ms(4) + p.overhead_ms(4) + 3 * p.local_attention_ms(4, 256)
     pngs = sorted(f.name for f in tmp_path.glob("tiny.*.png"))
     if importlib.util.find_spec("matplotlib"):
-        assert len(pngs) == 6 and "tiny.decode_dense.png" in pngs
+        assert len(pngs) == 7 and "tiny.decode_overhead.png" in pngs
     else:
         assert not pngs and "matplotlib is not installed" in proc.stdout
+
+
+def test_a_profile_without_the_overhead_curve_loads_and_prices_steps_as_before(tmp_path):
+    """Profiles written before ``decode_overhead`` existed keep their version and their step prices."""
+    curve, grid = (
+        {"x": [1, 8], "y": [2.0, 3.0]},
+        {"batch": [1, 8], "context": [16, 256], "ms": [[1, 2], [3, 4]]},
+    )
+    old = {
+        "version": 1, "model": "m", "dtype": "float32", "device": "cpu", "machine": "x", "num_layers": 2,
+        "executor_threads": 1, "prefill_threads": 1, "decode_dense": curve, "local_attention": grid,
+        "executor_attention": grid, "executor_threads_scaling": curve, "exchange": curve,
+        "prefill_interference": curve, "created": "",
+    }  # fmt: skip
+    p = Profile.from_dict(old)
+    assert p.overhead_ms(8) == 0.0 and p.step_ms(8, 256) == 3.0 + 2 * 4
+    p.decode_overhead = Curve([1, 8], [0.5, 1.5])
+    assert p.step_ms(8, 256) == 3.0 + 1.5 + 2 * 4
+    again = tmp_path / "p.json"
+    again.write_text(p.to_json())
+    assert load_profile(again).decode_overhead == p.decode_overhead
+
+
+def test_overhead_rig_runs_decode_steps_of_the_asked_batch(tiny_model_factory):
+    """A timed step decodes every request once and streams all of them in one message."""
+    rig = OverheadRig(ModelConfig.from_pretrained(tiny_model_factory("llama")), max_batch=8)
+    try:
+        assert rig.step_ms(8, reps=3, threads=1) > 0
+    finally:
+        rig.close()
+    assert io._USE_PICKLE_IPC  # SGLang 0.5.23's wire format (SGLANG_FRONTEND_CONTRACT.md)
+    msg = pickle.loads(rig.last)
+    assert len(msg.rids) == 8 and [len(ids) for ids in msg.output_ids] == [1] * 8
+    assert msg.finished_reasons == [None] * 8  # none ends while timed

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from adrenaline.core.profile import Curve
 from adrenaline.sim.cost import AnalyticCost, decode_step_time
 from adrenaline.sim.hardware import Assumptions, gpu
 from adrenaline.sim.model import ModelSpec
@@ -80,3 +81,11 @@ def test_profile_backed_model_reproduces_the_tabulated_analytic_one():
         assert p.dense_time(rows) == pytest.approx(c.dense_time(rows), rel=1e-6)
         assert p.exchange_time(rows) == pytest.approx(c.exchange_time(rows) - c.gpu.link_latency, rel=1e-6)
     assert p.kv_capacity_tokens() == 1000
+
+
+def test_profile_cost_adds_the_measured_step_overhead_to_the_dense_part():
+    prof = profile_of(AnalyticCost(L7, gpu("h100")), share=0.2)
+    before = ProfileCost(prof, L7, kv_tokens=1000).dense_time(64)  # a profile without the curve
+    prof.decode_overhead = Curve([1, 128], [0.2, 5.0])
+    after = ProfileCost(prof, L7, kv_tokens=1000).dense_time(64)
+    assert after - before == pytest.approx((0.2 + 4.8 * 63 / 127) / 1e3)

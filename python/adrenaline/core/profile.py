@@ -17,6 +17,7 @@ JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per sec
       "executor_threads_scaling": {"x": [threads...], "y": [ms of one reference attention]},
       "exchange":           {"x": [rows...],   "y": [ms per layer round trip, one KV page per row]},
       "prefill_interference": {"x": [cores held by executor load], "y": [prefill tokens/s, rest]},
+      "decode_overhead":    {"x": [batch...],  "y": [ms per decode step outside the forward]},
       "created": "2026-11-29T18:00:00Z"
     }
 
@@ -24,7 +25,12 @@ JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per sec
 ``executor_threads``) are per layer, on a (batch, total context) grid:
 ``context`` is the sum of the batch's KV lengths, ``ms[i][j]`` the time at ``batch[i]`` and
 ``context[j]``. A decode step of ``b`` local requests with total context ``c`` thus costs about
-``decode_dense(b) + num_layers * local_attention(b, c)``.
+``decode_dense(b) + decode_overhead(b) + num_layers * local_attention(b, c)``.
+
+``decode_dense`` is the model's forward alone; ``decode_overhead`` the scheduler's own work per
+step around it (batch forming, sampling, finish checks, the streamed output sent on), which runs
+in series with the forward. A profile written before that curve existed loads with it at zero
+(the version stays 1): its steps are priced as before, without the overhead.
 
 Times are the fastest of a few runs, made non-decreasing along each axis by the profiler (more
 work never costs less; a noisy dip would mislead the policy). ``executor_threads_scaling`` and
@@ -107,12 +113,17 @@ class Profile:
     exchange: Curve
     prefill_interference: Curve
     created: str = ""
+    decode_overhead: Curve = field(default_factory=lambda: Curve([1], [0.0]))  # older profiles: none
     version: int = field(default=VERSION)
 
     # ---- the quantities the policy and the simulator ask for -----------------------------------
     def dense_ms(self, batch: int) -> float:
-        """One decode step's non-attention work (all layers, sampling included)."""
+        """One decode forward's non-attention work (all layers and the logits)."""
         return self.decode_dense.at(batch) if batch > 0 else 0.0
+
+    def overhead_ms(self, batch: int) -> float:
+        """The scheduler's work per decode step outside the forward (sampling, output, ...)."""
+        return self.decode_overhead.at(batch) if batch > 0 else 0.0
 
     def local_attention_ms(self, batch: int, context: int) -> float:
         """One layer's attention over ``batch`` local requests with ``context`` KV tokens in all."""
@@ -138,9 +149,11 @@ class Profile:
     ) -> float:
         """A decode step's time (what TPOT sees). ``remote_ms``: the offloaded group's executor
         attention plus exchange per layer; it overlaps the local attention, so a layer takes the
-        longer of the two. The dense part runs for local and offloaded requests alike."""
+        longer of the two. The dense part and the step's overhead run for local and offloaded
+        requests alike."""
         per_layer = max(self.local_attention_ms(local_batch, local_context), remote_ms)
-        return self.dense_ms(local_batch + offloaded_batch) + self.num_layers * per_layer
+        batch = local_batch + offloaded_batch
+        return self.dense_ms(batch) + self.overhead_ms(batch) + self.num_layers * per_layer
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -150,13 +163,14 @@ class Profile:
     def from_dict(cls, d: dict) -> Profile:
         if d.get("version") != VERSION:
             raise ValueError(f"profile version {d.get('version')} is not {VERSION}; re-run the profiler")
-        curves = {k: Curve(**d[k]) for k in _CURVES}
+        curves = {k: Curve(**d[k]) for k in _CURVES if k in d or k not in _ADDED}
         grids = {k: Grid(**d[k]) for k in _GRIDS}
         rest = {k: v for k, v in d.items() if k not in _CURVES and k not in _GRIDS}
         return cls(**rest, **curves, **grids)
 
 
-_CURVES = ("decode_dense", "executor_threads_scaling", "exchange", "prefill_interference")
+_CURVES = ("decode_dense", "executor_threads_scaling", "exchange", "prefill_interference", "decode_overhead")
+_ADDED = ("decode_overhead",)  # curves added within version 1: a profile without one takes its default
 _GRIDS = ("local_attention", "executor_attention")
 
 

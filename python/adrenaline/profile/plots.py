@@ -15,6 +15,7 @@ CURVES = {
     "exchange": ("offloaded rows", "ms per layer (round trip)"),
     "executor_threads_scaling": ("executor threads", "ms (reference attention)"),
     "prefill_interference": ("cores held by executor load", "prefill tokens/s"),
+    "decode_overhead": ("decode batch", "ms per step (scheduler, outside the forward)"),
 }
 GRIDS = ("local_attention", "executor_attention")
 

@@ -20,6 +20,7 @@ from adrenaline.offload.profile_source import default_profile_path, machine
 from adrenaline.profile.exchange import ExchangeRig
 from adrenaline.profile.interference import prefill_under_load
 from adrenaline.profile.measure import Rig
+from adrenaline.profile.overhead import OverheadRig
 
 
 def rising(ys: list[float]) -> list[float]:
@@ -71,7 +72,7 @@ def run_profile(
     decode_threads = min(decode_threads or len(cores), len(cores))
     rig = Rig(model_path, dtype, max(plan.attn_batches), max(plan.contexts))
     mc, grid_points = rig.mc, len(plan.attn_batches) * len(plan.contexts)
-    total = len(plan.dense_batches) + 2 * grid_points + len(cores) + len(plan.exchange_rows) + len(cores)
+    total = 2 * len(plan.dense_batches) + 2 * grid_points + len(cores) + len(plan.exchange_rows) + len(cores)
     bar = tqdm(total=total, desc="profiling", unit="point")
 
     def measure(fn, *args) -> float:
@@ -87,6 +88,11 @@ def run_profile(
         return Grid(plan.attn_batches, plan.contexts, rising_grid(ms))
 
     dense = [measure(rig.dense_ms, b, plan.reps, decode_threads) for b in plan.dense_batches]
+    steps = OverheadRig(mc, max(plan.dense_batches))
+    try:  # cheap steps, so more of them: the fastest is the cost without the machine's other work
+        overhead = [measure(steps.step_ms, b, 3 * plan.reps, decode_threads) for b in plan.dense_batches]
+    finally:
+        steps.close()
     local, executor = grid(decode_threads), grid(executor_threads)
     ref = plan.attn_batches[len(plan.attn_batches) // 2], plan.contexts[len(plan.contexts) // 2]
     threads = list(range(1, len(cores) + 1))
@@ -116,6 +122,7 @@ def run_profile(
         executor_threads_scaling=Curve(threads, scaling),
         exchange=Curve(plan.exchange_rows, rising(trips)),
         prefill_interference=Curve(busy, prefill),
+        decode_overhead=Curve(plan.dense_batches, rising(overhead)),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 

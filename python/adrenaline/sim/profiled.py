@@ -33,7 +33,9 @@ class ProfileCost:
         return tokens / self.profile.prefill_tokens_per_s(held)
 
     def dense_time(self, rows: int) -> float:
-        return self.profile.dense_ms(rows) / 1e3
+        """The forward's dense part plus the scheduler's own work around it (measured; an older
+        profile has none)."""
+        return (self.profile.dense_ms(rows) + self.profile.overhead_ms(rows)) / 1e3
 
     def attention_time(self, rows: int, context: int) -> float:
         return self.profile.num_layers * self.profile.local_attention_ms(rows, context) / 1e3
