@@ -34,7 +34,7 @@ class Bootstrap(NamedTuple):
     room: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: ``req in running`` compares identities, not every field
 class Req:
     rid: str
     input_ids: list[int]
