@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from adrenaline.config import EngineConfig
+from adrenaline.offload.load_aware import MARGIN
 
 # SGLang --attention-backend -> ours. "torch" is our name; SGLang's CLI spells it torch_native.
 ATTENTION_BACKENDS = {
@@ -102,6 +103,7 @@ class AdrenalineArgs:
     offload_profile: str | None = None
     tpot_slo_ms: float | None = None
     ttft_slo_ms: float | None = None
+    offload_step_margin: float = MARGIN
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
     executor_sm_percent: int | None = None
@@ -164,6 +166,13 @@ class AdrenalineArgs:
             type=float,
             default=None,
             help="decode, load-aware: back off an executor whose prefill's TTFT is above this",
+        )
+        group.add_argument(
+            "--offload-step-margin",
+            type=float,
+            default=AdrenalineArgs.offload_step_margin,
+            help="decode, load-aware: offload only while the predicted decode step stays within "
+            "(1 + this) x the step of the local batch alone (the TPOT cost offloading may add)",
         )
         group.add_argument(
             "--max-offloaded-requests", type=int, default=None, help="decode: cap on offloaded requests"
@@ -229,6 +238,8 @@ class AdrenalineArgs:
             args.attention_offload_policy = "static" if ratio is not None else "load-aware"
         if args.attention_offload_policy == "load-aware" and ratio is not None:
             raise ValueError("--attention-offload-ratio is for --attention-offload-policy static")
+        if not args.offload_step_margin >= 0:  # NaN too
+            raise ValueError("--offload-step-margin must be >= 0")
         for name in ("tpot_slo_ms", "ttft_slo_ms"):
             value = getattr(args, name)
             if value is not None and value <= 0:
