@@ -1,6 +1,7 @@
 """The decode side's ``OffloadManager`` with the load-aware policy, over a fake exchange (no servers):
 it offloads when the synthetic profile says it pays, keeps requests local when they fit here or the
-executor is slower or full or its prefill instance falls behind (as its load reports say), backs off a prefill instance that refused a probe, corrects its predictions from measured exchange
+executor is slower or full or its prefill instance falls behind (as its load reports say), backs
+off a prefill instance that refused a probe, corrects its predictions from measured exchange
 waits, and every way out (finish, abort, retraction, refusal) returns the committed executor room
 to zero. The synthetic profile is test_load_aware's (exact arithmetic)."""
 
@@ -157,6 +158,10 @@ def test_policy_flags():
         parse("--attention-offload-policy", "load-aware", "--attention-offload-ratio", "1")
     with pytest.raises(ValueError):
         parse("--ttft-slo-ms", "0")
+    assert parse().offload_step_margin == 0.2 and parse("--offload-step-margin", "0").offload_step_margin == 0
+    for bad in ("-0.1", "nan"):
+        with pytest.raises(ValueError):
+            parse("--offload-step-margin", bad)
     assert parse("--executor-cores", "auto").executor_cores == "auto"
     assert parse("--executor-cores", "2").executor_cores == "2" and parse().executor_cores is None
     for bad in ("0", "-1", "x"):
