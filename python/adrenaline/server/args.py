@@ -149,8 +149,9 @@ class AdrenalineArgs:
             "--attention-offload-policy",
             choices=["static", "load-aware"],
             default=None,
-            help="decode: static (--attention-offload-ratio) or load-aware (offload while the executor's "
-            "KV has room and its time hides under local attention; the default without a ratio)",
+            help="decode: static (--attention-offload-ratio) or load-aware (offload what does not fit here "
+            "while the executor's KV has room and the step stays within --offload-step-margin; the "
+            "default without a ratio)",
         )
         group.add_argument(
             "--offload-profile",
