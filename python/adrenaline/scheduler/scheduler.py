@@ -220,8 +220,9 @@ class Scheduler:
         return items
 
     def _admit_arriving(self, req: Req) -> bool:
-        """Admit a request whose prompt KV another instance computes: place it, reserve its pages
-        (none when placed remotely), let the PD role ask for the KV. It runs once that arrives."""
+        """Admit a request whose prompt KV another instance computes: place it (telling the placement
+        whether it fits here now), reserve its pages (none when placed remotely), let the PD role ask
+        for the KV. It runs once that arrives."""
         n, free = len(self.running) + len(self.arriving), self.allocator.num_available
         need = num_pages(len(req.input_ids), self.page_size)
         # the prompt's pages now, and running requests keep room to grow
