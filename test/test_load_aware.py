@@ -1,4 +1,5 @@
-"""Load-aware offload policy on synthetic profiles: each bound at its edge, no overcommit, live load.
+"""Load-aware offload policy on synthetic profiles: each bound at its edge, local room first, no
+overcommit, live load.
 
 The synthetic curves are linear with power-of-two coefficients on power-of-two grids, so the
 profile's interpolation is exact in floating point and each edge is computed here by hand.
@@ -71,12 +72,44 @@ def test_fair_share_refuses_beyond_an_equal_share():
     assert pol.decide(view(ex), Candidate(1, 0)).reason is Reason.FAIR_SHARE
 
 
-def test_executor_time_refuses_exactly_past_the_hidden_window():
-    # window: (1 - 1/2) * local(8, 4096) = 3 ms; remote: 0.5 * local(1, L) + 1/8 = 1/4 + L/2048
-    pol = LoadAwarePolicy(profile(), margin=0.5)
-    assert largest_prompt(pol, view()) == (3 - 0.25) * 2048
-    d = LoadAwarePolicy(profile(), margin=0.5).decide(view(), Candidate(5633, 0))
-    assert (d.reason, d.executor) == (Reason.EXECUTOR_TIME, None)
+def test_step_budget_refuses_exactly_past_one_plus_margin():
+    # alone: dense(8) + LAYERS * local(8, 4096) = 10 + 4 * 6 = 34 ms; budget 1.25 * 34 = 42.5 ms.
+    # offloaded: dense(9) + LAYERS * max(6, remote), remote = 0.5 * local(1, L) + 1/8 = 1/4 + L/2048
+    pol = LoadAwarePolicy(profile(), margin=0.25)
+    assert largest_prompt(pol, view()) == (42.5 - 10.25 - 1) / 4 * 2048 == 16000
+    assert pol.profile.step_ms(8, 4096, 1, 0.25 + 16000 / 2048) == 1.25 * pol.profile.step_ms(8, 4096)
+    d = LoadAwarePolicy(profile(), margin=0.25).decide(view(), Candidate(16001, 0))
+    assert (d.reason, d.executor) == (Reason.STEP_BUDGET, None)
+
+
+def test_step_budget_counts_the_offloaded_rows_dense_work():
+    # a hidden remote group (0.28 ms under 6): each offloaded row still adds 1/4 ms of dense work,
+    # 8 + (8 + n + 1) / 4 + 24 <= 42.5 -> n <= 33 offloaded already
+    small = Candidate(64, 0)
+    assert LoadAwarePolicy(profile(), margin=0.25).decide(LoadView(8, 4096, 33, [executor()]), small).executor
+    over = LoadAwarePolicy(profile(), margin=0.25).decide(LoadView(8, 4096, 34, [executor()]), small)
+    assert over.reason is Reason.STEP_BUDGET
+
+
+def test_offloads_where_the_remote_time_shows_but_the_step_stays_in_budget():
+    # the CPU case: one short local request's attention (0.375 ms) is shorter than the remote group's
+    # (0.5 ms), so the paper's C2 refuses; the step only grows from 9.75 to 10.5 ms, within 1.2x
+    pol = LoadAwarePolicy(profile())
+    d = pol.decide(view(local_batch=1, local_context=128), Candidate(512, 8))
+    assert d.reason is Reason.OK and d.predicted_ms == 0.5 > pol.profile.local_attention_ms(1, 128)
+    assert pol.decide(view(local_batch=1, local_context=128), Candidate(2048, 8)).reason is Reason.STEP_BUDGET
+
+
+@pytest.mark.parametrize("local_batch", [1, 8, 256])
+def test_nothing_offloaded_while_the_request_fits_locally(local_batch):
+    pol = LoadAwarePolicy(profile())
+    v = LoadView(local_batch, local_batch * 512, 0, [executor()], local_room=True)
+    for prompt in (1, 64, 1024):
+        d = pol.decide(v, Candidate(prompt, 64))
+        assert (d.executor, d.reason) == (None, Reason.LOCAL_ROOM)
+    assert not +pol.ours and pol.counters()["local_room"] == 3  # nothing committed
+    v.local_room = False  # the same request, the decode instance full
+    assert pol.decide(v, Candidate(64, 64)).executor == "e0"
 
 
 def test_tpot_slo_refuses_exactly_past_the_slo():
@@ -148,23 +181,23 @@ def test_executor_kv_never_overcommitted_by_two_decode_instances_with_stale_repo
 
 
 def test_decision_follows_the_live_load():
-    pol = LoadAwarePolicy(profile(), margin=0.5)
-    cand = Candidate(4096, 64)  # remote 1/4 + 2 = 2.25 ms against a 3 ms window
+    pol = LoadAwarePolicy(profile(), margin=0.25)  # budget 42.5 ms at view(): remote <= 8.0625 ms
+    cand = Candidate(4096, 64)  # remote 1/4 + 2 = 2.25 ms on an idle executor
     idle, busy = executor("e0"), executor("e1", batch=8, context=4096)
     assert pol.decide(view(idle, busy), cand).executor == "e0"  # the least loaded
     assert pol.decide(view(executor("e0", batch=8, context=4096), executor("e1")), cand).executor == "e1"
+    busy = executor("e0", batch=8, context=4096)  # 9 rows, 8192 tokens: 0.5 * (9/4 + 8) + 9/8 = 6.25 ms
     profiled = 0.5 * local_ms(1, 1024) + 1 / 8  # e0's group of one, as profiled
     pol.observe(view(executor("e0", batch=1, context=1024, measured_ms=1.2 * profiled)))
     assert pol.correction["e0"] == pytest.approx(1.2)
-    assert pol.decide(view(idle), cand).reason is Reason.OK  # 2.7 ms, still hidden
+    assert pol.decide(view(busy), cand).reason is Reason.OK  # 7.5 ms
     pol.observe(view(executor("e0", batch=1, context=1024, measured_ms=1.9 * profiled)))
     assert pol.correction["e0"] == pytest.approx(1.2 + 0.3 * 0.7)  # the EWMA moves toward 1.9
-    assert pol.decide(view(idle), cand).reason is Reason.EXECUTOR_TIME  # 3.17 ms
-    larger_window = view(idle, local_batch=64, local_context=65536)
-    assert pol.decide(larger_window, cand).reason is Reason.OK
-    # the decode side's local work shrinks: the same request no longer hides
-    fresh = LoadAwarePolicy(profile(), margin=0.5)
-    assert fresh.decide(view(idle, local_batch=1, local_context=128), cand).reason is Reason.EXECUTOR_TIME
+    assert pol.decide(view(busy), cand).reason is Reason.STEP_BUDGET  # 8.81 ms
+    assert pol.decide(view(busy, local_batch=64, local_context=65536), cand).reason is Reason.OK
+    # the executor fills up: the same request no longer fits the budget
+    fresh = LoadAwarePolicy(profile(), margin=0.25)
+    assert fresh.decide(view(executor("e0", batch=32, context=32768)), cand).reason is Reason.STEP_BUDGET
 
 
 def test_no_reachable_executor_keeps_local_and_counts():

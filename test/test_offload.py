@@ -2,8 +2,9 @@
 
 One prefill instance with its attention executor serves four decode instances, each behind its
 own router: static offload ratios 0, 0.5 and "all" (inf), and the load-aware policy priced by a
-synthetic profile written here (local attention far dearer than the executor's, so it offloads
-whatever memory allows once some local attention runs to hide under). Per-layer data goes over
+synthetic profile written here (local attention far dearer than the executor's, so offloading
+costs the step nothing) on a decode instance whose small KV pool holds only some of the requests:
+it keeps what fits there and offloads the rest, as memory allows. Per-layer data goes over
 shared memory (same host: the default, ``auto``), except for the "all" instance, which uses TCP
 (the in-process tests in test_pd_state.py cover both paths at other ratios). Outputs must equal
 the offline ``Engine`` (greedy, float32) token for token; offloaded requests move no KV to the
@@ -42,6 +43,7 @@ RATIOS = {"none": "0", "half": "0.5", "all": "inf"}
 POLICIES = [*RATIOS, "load-aware"]
 OVER_TCP = {"all"}  # --offload-exchange tcp; the others use the default (shared memory here)
 LENGTHS = [4, 21, 40, 9, 70, 33]
+LOAD_AWARE_KV = 128  # tokens: the longest request (70 + 22) fits alone, not all six prompts (15 pages)
 KV_BYTES_PER_PAGE = 30 * 2 * 16 * 3 * 64 * 4  # layers, k+v, page, kv heads, head dim, float32
 
 
@@ -56,8 +58,9 @@ class Deployment:
         self.decodes, self.urls = {}, {}
         policies = {name: ["--attention-offload-ratio", ratio] for name, ratio in RATIOS.items()}
         save_profile(executor_pays(), tmp / "profile.json")
-        policies["load-aware"] = ["--attention-offload-policy", "load-aware", "--offload-profile",
-                                  str(tmp / "profile.json")]  # fmt: skip
+        profile = str(tmp / "profile.json")
+        policies["load-aware"] = ["--attention-offload-policy", "load-aware", "--offload-profile", profile,
+                                  "--max-total-tokens", str(LOAD_AWARE_KV)]  # fmt: skip
         for name, policy in policies.items():
             (tmp / name).mkdir()
             exchange = "tcp" if name in OVER_TCP else "auto"
@@ -132,7 +135,7 @@ def test_outputs_identical_at_every_ratio(dep, engine, name):
         assert not any(offloaded)
     elif name == "all":
         assert all(offloaded)
-    elif name == "load-aware":  # the first admitted has no local attention to hide under: local
+    elif name == "load-aware":  # the first admitted fits the small pool (local), not all the others
         assert 0 < sum(offloaded) < 6
         assert after["offload"]["decisions"]["ok"] >= sum(offloaded)
     else:

@@ -1,7 +1,7 @@
 """The decode side's ``OffloadManager`` with the load-aware policy, over a fake exchange (no servers):
-it offloads when the synthetic profile says it pays, keeps requests local when the executor is
-slower or full or its prefill instance falls behind (as the prefill instance's load reports say),
-backs off a prefill instance that refused a probe, corrects its predictions from measured exchange
+it offloads when the synthetic profile says it pays, keeps requests local when they fit here or the
+executor is slower or full or its prefill instance falls behind (as its load reports say), backs
+off a prefill instance that refused a probe, corrects its predictions from measured exchange
 waits, and every way out (finish, abort, retraction, refusal) returns the committed executor room
 to zero. The synthetic profile is test_load_aware's (exact arithmetic)."""
 
@@ -76,10 +76,11 @@ def test_slower_executor_keeps_everything_local():
     assert m.info()["decisions"]["slower_than_local"] == 4 and committed(m) == 0
 
 
-def test_no_local_attention_to_hide_under_keeps_it_local():
+def test_a_request_the_scheduler_would_admit_locally_stays_local():
     m = manager()
-    assert not m.place(req(0), LocalLoad(0, 100, PS, 0))
-    assert m.last_reason.startswith("executor_time")
+    assert not m.place(req(0), LocalLoad(8, 100, PS, 4096, fits=True))
+    assert m.last_reason == "local_room" and committed(m) == 0
+    assert m.place(req(1), LOCAL)  # the decode instance full: offloaded (the probe was not spent)
 
 
 def test_a_refused_probe_backs_off_that_prefill_instance_only():
@@ -157,6 +158,10 @@ def test_policy_flags():
         parse("--attention-offload-policy", "load-aware", "--attention-offload-ratio", "1")
     with pytest.raises(ValueError):
         parse("--ttft-slo-ms", "0")
+    assert parse().offload_step_margin == 0.2 and parse("--offload-step-margin", "0").offload_step_margin == 0
+    for bad in ("-0.1", "nan"):
+        with pytest.raises(ValueError):
+            parse("--offload-step-margin", bad)
     assert parse("--executor-cores", "auto").executor_cores == "auto"
     assert parse("--executor-cores", "2").executor_cores == "2" and parse().executor_cores is None
     for bad in ("0", "-1", "x"):

@@ -73,10 +73,10 @@ def test_static_policy_sees_the_runtime_counts():
     seen = []
 
     class Recording(Static):
-        def choose(self, dec, req):
+        def choose(self, dec, req, fits):
             reqs = [*dec.running, *dec.inflight.values()]
             counts = (sum(r.offload is None for r in reqs), sum(r.offload is not None for r in reqs))
-            got = super().choose(dec, req)
+            got = super().choose(dec, req, fits)
             seen.append((counts, dec.counts(), got))
             return got
 
@@ -89,12 +89,13 @@ def test_static_policy_sees_the_runtime_counts():
 
 def test_load_aware_decisions_equal_the_runtime_policy_on_the_same_inputs():
     """Replaying the simulator's LoadViews (and releases) through a fresh ``LoadAwarePolicy`` gives
-    the same decisions: the simulator adds no rule of its own."""
+    the same decisions: the simulator adds no rule of its own (its local-room input is the runtime's
+    admission check, ``DecodeInstance._fits``)."""
     log = []
 
     class Recording(LoadAware):
-        def choose(self, dec, req):
-            got = super().choose(dec, req)
+        def choose(self, dec, req, fits):
+            got = super().choose(dec, req, fits)
             view, cand = self.last
             ex = view.executors[0]
             held = self.prefills[req.prefill].executor.reqs.values()
@@ -108,7 +109,10 @@ def test_load_aware_decisions_equal_the_runtime_policy_on_the_same_inputs():
 
     profile = profile_of(COST, 0.5)  # an executor as fast as the decode side's attention
     slo = Slo(tpot_ms=60.0)
-    dep = Deployment(prefill=2, decode=2, offload=True, concurrency=300, executor_share=0.5)
+    # KV-bound decode instances: some requests fit there (kept local), the rest may offload
+    dep = Deployment(
+        prefill=2, decode=2, offload=True, concurrency=300, executor_share=0.5, decode_kv_tokens=20000
+    )
     decider = Recording(profile, slo, dep.decode)
     run_checked(dep, decider, synthetic("sharegpt", 400, None, seed=4))
     assert not +decider.policy.ours  # every commitment released: nothing offloaded at the end
@@ -122,6 +126,8 @@ def test_load_aware_decisions_equal_the_runtime_policy_on_the_same_inputs():
             decisions.append(got)
             assert (ref.decide(view, cand).executor is not None) == got
     assert True in decisions and False in decisions  # both answers were exercised
+    room = [got for kind, view, _, got in (e for e in log if e[0] == "decide") if view.local_room]
+    assert room and not any(room)  # whatever fits locally stays local
 
 
 @pytest.mark.parametrize("extra", [[], ["--offload-policy", "load-aware", "--tpot-slo-ms", "80"]])

@@ -1,10 +1,11 @@
-"""Load-aware offloading: offload a request only while the executor can absorb it and hide it.
+"""Load-aware offloading: offload a request only while it cannot run here and offloading it pays.
 
 Pure (stdlib and the profile schema only): the decode scheduler builds a ``LoadView`` from its own
 state and the executors' reports, and asks ``LoadAwarePolicy.decide(view, candidate)`` for each
 new request, and again for queued ones every step. The answer offloads to one executor or keeps the
-request local, with a ``Reason``. A request is offloaded only while all of these hold, checked per
-reachable executor, least loaded first:
+request local, with a ``Reason``. A request that the decode instance would admit locally now stays
+local (``local_room``): offloading only pays when the decode instance cannot hold it. Otherwise it
+is offloaded only while all of these hold, checked per reachable executor, least loaded first:
 
 - memory: the executor pool has room for the request's whole future KV (prompt + max_new_tokens)
   after the prefill's reserve, counting every commitment already made, ours included even before
@@ -14,8 +15,12 @@ reachable executor, least loaded first:
   or its queue or TTFT rising);
 - executor speed: the executor computes the group's attention no slower than the decode side
   would, else offloading only moves time onto the critical path;
-- executor time: the group's predicted attention + exchange per layer hides under the decode
-  side's local attention for that layer, with a margin (the paper's C2);
+- step budget: the predicted decode step with the request offloaded (the dense work of one more
+  row, and the remote attention + exchange where it outlasts the local attention) stays within
+  ``1 + margin`` times the step of the same local batch with nothing offloaded. This is what
+  offloading adds to TPOT. The paper's C2 (the remote time hides under the local attention) is
+  its special case of a free dense row and a hidden exchange; on a CPU, where the exchange alone
+  outlasts a small batch's local attention, C2 refuses every offload;
 - TPOT SLO: the predicted decode step with the request stays within the SLO.
 
 Predictions come from the profile, corrected per executor by an EWMA of measured/predicted time
@@ -30,14 +35,17 @@ from dataclasses import dataclass, field
 
 from adrenaline.core.profile import Profile
 
+MARGIN = 0.2  # the step budget: TPOT at most 1.2x what the local batch alone would see
+
 
 class Reason(str, enum.Enum):
     OK = "ok"  # offloaded
+    LOCAL_ROOM = "local_room"  # the decode instance admits it itself: offloading would only cost
     MEMORY = "memory"
     FAIR_SHARE = "fair_share"
     PREFILL_PROTECTION = "prefill_protection"
     SLOWER_THAN_LOCAL = "slower_than_local"
-    EXECUTOR_TIME = "executor_time"
+    STEP_BUDGET = "step_budget"
     TPOT_SLO = "tpot_slo"
     NO_EXECUTOR = "no_executor"
 
@@ -74,6 +82,7 @@ class LoadView:
     local_context: int
     offloaded_batch: int  # ours, on all executors (its dense work runs here)
     executors: list[ExecutorLoad]
+    local_room: bool = False  # the candidate would be admitted here now, were it kept local
 
 
 @dataclass
@@ -106,7 +115,7 @@ def rising(xs: list[float], window: int = 3) -> bool:
 
 
 class LoadAwarePolicy:
-    def __init__(self, profile: Profile, slo: Slo | None = None, margin: float = 0.1, ewma: float = 0.3):
+    def __init__(self, profile: Profile, slo: Slo | None = None, margin: float = MARGIN, ewma: float = 0.3):
         self.profile = profile
         self.slo = slo or Slo()
         self.margin = margin
@@ -139,6 +148,9 @@ class LoadAwarePolicy:
 
         An offload commits the request's future KV on that executor until ``release``; call it
         also when the decision is not carried out (the executor refused, the request aborted)."""
+        if view.local_room:
+            self.counts[Reason.LOCAL_ROOM] += 1
+            return Decision(None, Reason.LOCAL_ROOM)
         options = sorted(
             (self._check(view, ex, cand) for ex in view.executors if ex.reachable),
             key=lambda d: (d.reason is not Reason.OK, d.predicted_ms),
@@ -154,12 +166,13 @@ class LoadAwarePolicy:
     def _check(self, view: LoadView, ex: ExecutorLoad, cand: Candidate) -> Decision:
         batch, context = ex.batch + 1, ex.context + cand.prompt_len
         t = self.predicted_ms(ex, batch, context)
+        step = self.profile.step_ms(view.local_batch, view.local_context, view.offloaded_batch + 1, t)
         reason = (
             self._memory(ex, cand)
             or self._prefill(ex)
             or self._speed(ex, batch, context)
-            or self._hidden(view, t)
-            or self._tpot(view, t)
+            or self._budget(view, step)
+            or self._tpot(step)
             or Reason.OK
         )
         return Decision(ex.name, reason, t)
@@ -185,15 +198,13 @@ class LoadAwarePolicy:
         remote = self.correction.get(ex.name, 1.0) * self.profile.executor_attention_ms(batch, context)
         return Reason.SLOWER_THAN_LOCAL if remote > self.profile.local_attention_ms(batch, context) else None
 
-    def _hidden(self, view: LoadView, remote_ms: float) -> Reason | None:
-        window = self.profile.local_attention_ms(view.local_batch, view.local_context)
-        return Reason.EXECUTOR_TIME if remote_ms > (1 - self.margin) * window else None
+    def _budget(self, view: LoadView, step_ms: float) -> Reason | None:
+        alone = self.profile.step_ms(view.local_batch, view.local_context)
+        return Reason.STEP_BUDGET if step_ms > (1 + self.margin) * alone else None
 
-    def _tpot(self, view: LoadView, remote_ms: float) -> Reason | None:
-        if self.slo.tpot_ms is None:
-            return None
-        step = self.profile.step_ms(view.local_batch, view.local_context, view.offloaded_batch + 1, remote_ms)
-        return Reason.TPOT_SLO if step > self.slo.tpot_ms else None
+    def _tpot(self, step_ms: float) -> Reason | None:
+        slo = self.slo.tpot_ms
+        return Reason.TPOT_SLO if slo is not None and step_ms > slo else None
 
     # ---- predictions --------------------------------------------------------------------------
     def _profiled_ms(self, batch: int, context: int) -> float:

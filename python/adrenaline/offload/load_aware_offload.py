@@ -35,7 +35,7 @@ def prefill_of(req: Req) -> str:
 
 
 class LoadAwareOffload(OffloadPolicy):
-    def __init__(self, profile: Profile, slo: la.Slo | None = None, margin: float = 0.1) -> None:
+    def __init__(self, profile: Profile, slo: la.Slo | None = None, margin: float = la.MARGIN) -> None:
         self.policy = la.LoadAwarePolicy(profile, slo, margin)
         self.executors: dict[str, str] = {}  # prefill instance -> its executor's address
         self.refused_until: dict[str, float] = {}  # prefill instance -> when to probe it again
@@ -47,11 +47,13 @@ class LoadAwareOffload(OffloadPolicy):
         cand = la.Candidate(len(req.input_ids), req.params.max_new_tokens)
         ex = self._executor(name, cand)
         local_batch = max(view.num_local, 0)
-        pview = la.LoadView(local_batch, view.local.context, view.num_offloaded, [ex] if ex else [])
+        executors = [ex] if ex else []
+        pview = la.LoadView(local_batch, view.local.context, view.num_offloaded, executors, view.local.fits)
         d = self.policy.decide(pview, cand)
         if d.executor is not None:
             self.commits[req.rid] = (name, cand.future_tokens)
-        return Decision(d.executor is not None, f"{d.reason.value} ({d.predicted_ms:.3f} ms/layer predicted)")
+        priced = f" ({d.predicted_ms:.3f} ms/layer predicted)" if d.predicted_ms else ""
+        return Decision(d.executor is not None, d.reason.value + priced)
 
     def _executor(self, name: str, cand: la.Candidate) -> la.ExecutorLoad | None:
         if self.refused_until.get(name, 0.0) > time.monotonic():

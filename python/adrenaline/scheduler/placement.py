@@ -25,6 +25,9 @@ class LocalLoad:
     free_pages: int  # KV pages free in this instance's pool
     page_size: int
     context: int = 0  # KV tokens of the requests running here (the local attention's work)
+    # whether the request being placed would be admitted here now, kept local: its prompt's pages
+    # are free and, beside running requests, their headroom too (a placement may keep it local then)
+    fits: bool = False
 
 
 class Placement:

@@ -220,17 +220,17 @@ class Scheduler:
         return items
 
     def _admit_arriving(self, req: Req) -> bool:
-        """Admit a request whose prompt KV another instance computes: place it, reserve its pages
-        (none when placed remotely), let the PD role ask for the KV. It runs once that arrives."""
+        """Admit a request whose prompt KV another instance computes: place it (telling the placement
+        whether it fits here now), reserve its pages (none when placed remotely), let the PD role ask
+        for the KV. It runs once that arrives."""
         n, free = len(self.running) + len(self.arriving), self.allocator.num_available
+        need = num_pages(len(req.input_ids), self.page_size)
+        # the prompt's pages now, and running requests keep room to grow
+        fits = need <= free and (n == 0 or self.has_room(req, held=0))
         context = sum(r.seq_len for r in self.running if self.placement.is_local(r))
-        load = LocalLoad(n, free, self.page_size, context)
-        if not self.placement.place(req, load):
-            need = num_pages(len(req.input_ids), self.page_size)
-            if need > self.allocator.num_available:
+        if not self.placement.place(req, LocalLoad(n, free, self.page_size, context, fits)):
+            if not fits:
                 return False
-            if (self.running or self.arriving) and not self.has_room(req, held=0):
-                return False  # running requests keep room to grow
             req.pages = self.allocator.alloc(need)
         self.waiting.popleft()
         self.arriving.append(req)

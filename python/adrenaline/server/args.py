@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from adrenaline.config import EngineConfig
+from adrenaline.offload.load_aware import MARGIN
 from adrenaline.transport.mooncake_engine import mooncake_missing
 
 # SGLang --attention-backend -> ours. "torch" is our name; SGLang's CLI spells it torch_native.
@@ -105,6 +106,7 @@ class AdrenalineArgs:
     offload_profile: str | None = None
     tpot_slo_ms: float | None = None
     ttft_slo_ms: float | None = None
+    offload_step_margin: float = MARGIN
     max_offloaded_requests: int | None = None
     executor_max_total_tokens: int | None = None
     executor_sm_percent: int | None = None
@@ -162,8 +164,9 @@ class AdrenalineArgs:
             "--attention-offload-policy",
             choices=["static", "load-aware"],
             default=None,
-            help="decode: static (--attention-offload-ratio) or load-aware (offload while the executor's "
-            "KV has room and its time hides under local attention; the default without a ratio)",
+            help="decode: static (--attention-offload-ratio) or load-aware (offload what does not fit here "
+            "while the executor's KV has room and the step stays within --offload-step-margin; the "
+            "default without a ratio)",
         )
         group.add_argument(
             "--offload-profile",
@@ -179,6 +182,13 @@ class AdrenalineArgs:
             type=float,
             default=None,
             help="decode, load-aware: back off an executor whose prefill's TTFT is above this",
+        )
+        group.add_argument(
+            "--offload-step-margin",
+            type=float,
+            default=AdrenalineArgs.offload_step_margin,
+            help="decode, load-aware: offload only while the predicted decode step stays within "
+            "(1 + this) x the step of the local batch alone (the TPOT cost offloading may add)",
         )
         group.add_argument(
             "--max-offloaded-requests", type=int, default=None, help="decode: cap on offloaded requests"
@@ -251,6 +261,8 @@ class AdrenalineArgs:
             args.attention_offload_policy = "static" if ratio is not None else "load-aware"
         if args.attention_offload_policy == "load-aware" and ratio is not None:
             raise ValueError("--attention-offload-ratio is for --attention-offload-policy static")
+        if not args.offload_step_margin >= 0:  # NaN too
+            raise ValueError("--offload-step-margin must be >= 0")
         for name in ("tpot_slo_ms", "ttft_slo_ms"):
             value = getattr(args, name)
             if value is not None and value <= 0:

@@ -102,7 +102,8 @@ def _offload_policy(ours: AdrenalineArgs, runner: ModelRunner, config) -> Offloa
     if ours.attention_offload_policy == "static":
         ratio = ours.attention_offload_ratio or 0.0
         return StaticRatioPolicy(ratio, ours.max_offloaded_requests) if ratio > 0 else None
-    return LoadAwareOffload(_profile(ours, runner, config), Slo(ours.tpot_slo_ms, ours.ttft_slo_ms))
+    slo = Slo(ours.tpot_slo_ms, ours.ttft_slo_ms)
+    return LoadAwareOffload(_profile(ours, runner, config), slo, ours.offload_step_margin)
 
 
 def _core_split(ours: AdrenalineArgs, runner: ModelRunner, config, pool: KVPool) -> CoreSplit | None:

@@ -1,9 +1,10 @@
 """A simulated decode instance, following the runtime's rules step for step.
 
-Admission (``disaggregation/decode.py``): FIFO under the running cap; the offload policy decides
-first; a local request needs its prompt's pages now and room next to the running requests'
-headroom (``Headroom``, imported from the scheduler) and the KV already on its way; an offloaded
-one needs room in its prefill instance's executor, else it is taken locally. Each step
+Admission (``disaggregation/decode.py``): FIFO under the running cap, none while a retracted
+request waits; a local request needs its prompt's pages now and room next to the headroom
+(``Headroom``, imported from the scheduler) of the local requests running or on their way; the
+offload policy decides first, told whether that holds; an offloaded request needs room in its
+prefill instance's executor, else it is taken locally. Each step
 (``scheduler.py``): every running request's next token, pages grown per token, the most recent
 request retracted when the pool runs out, retracted requests recomputed here first.
 """
@@ -41,9 +42,9 @@ class DecodeInstance(Instance):
         self.inflight: dict[int, SimReq] = {}
         self.running: list[SimReq] = []
         self.waiting: deque[SimReq] = deque()  # retracted, recomputed here
-        # [running requests' headroom, KV on its way's headroom] in pages: the sums the runtime
-        # recomputes per admission, cached until a step, a retraction or an arrival changes them.
-        self._room: list[int | None] | None = None
+        # the local requests' headroom in pages (``_reserved``): the sum the runtime recomputes per
+        # admission, cached until a step, a retraction or an arrival changes it
+        self._room: int | None = None
         self.batched = self.retractions = self.fallbacks = 0
         self.exposed_remote = 0.0  # remote attention + exchange beyond the local attention
 
@@ -59,36 +60,43 @@ class DecodeInstance(Instance):
         return len(self.running) + len(self.inflight) - offloaded, offloaded
 
     def admit(self) -> None:
-        while self.pending and len(self.running) + len(self.inflight) < self.max_running:
+        # a retracted request heads the runtime's queue: nothing is admitted past it
+        while not self.waiting and self.pending and len(self.running) + len(self.inflight) < self.max_running:
             req = self.pending[0]
             ex = self.executors[req.prefill]
-            if req.may_offload and ex is not None and self.decider.choose(self, req):
+            fits = self._fits(req)
+            if req.may_offload and ex is not None and self.decider.choose(self, req, fits):
                 if ex.grow(req, req.spec.input_len):
                     req.offload = req.prefill
                 else:  # no executor room: the prefill side says so and it is taken locally
                     req.may_offload = False
                     self.decider.released(req, req.prefill)
-            need = 0 if req.offload is not None else pages_for(req.spec.input_len, self.page_size)
-            if need > self.free:
+            if req.offload is None and not fits:
                 return
-            if need and (self.running or self.inflight):
-                if self._room is None:
-                    self._room = [None, sum(self.headroom.pages(r) for r in self.inflight.values())]
-                own = self.headroom.pages(req, 0) + self._room[1]
-                if self.waiting or own > self.free:  # fails whatever the running requests keep
-                    return
-                if self._room[0] is None:
-                    self._room[0] = self.headroom.reserved(self.running)
-                if own + self._room[0] > self.free:
-                    return
+            need = 0 if req.offload is not None else pages_for(req.spec.input_len, self.page_size)
             self.pending.popleft()
             self.free -= need
             req.held = need
-            if self._room is not None:
-                self._room[1] += self.headroom.pages(req)
+            if self._room is not None and req.offload is None:
+                self._room += self.headroom.pages(req)
             self.inflight[req.rid] = req
             req.decode_admitted = self.loop.now
             self.on_admitted(req)
+
+    def _fits(self, req: SimReq) -> bool:
+        """Whether ``req``, kept local, is admitted now (the runtime's ``_admit_arriving``): its
+        prompt's pages are free and, beside other requests, the local ones' headroom too."""
+        if pages_for(req.spec.input_len, self.page_size) > self.free:
+            return False
+        alone = not (self.running or self.inflight)
+        return alone or self.headroom.pages(req, 0) + self._reserved() <= self.free
+
+    def _reserved(self) -> int:
+        """Headroom of the local requests running or on their way (the runtime's ``has_room``)."""
+        if self._room is None:
+            local = [r for r in (*self.running, *self.inflight.values()) if r.offload is None]
+            self._room = self.headroom.reserved(local)
+        return self._room
 
     def kv_arrived(self, req: SimReq) -> None:
         """The prompt's KV and first token are here: decode it (``admit_prefilled``)."""
@@ -159,12 +167,13 @@ class DecodeInstance(Instance):
                 break
             self.waiting.popleft()
             self.running.append(req)
+            self._room = None
             items.append((req, n))
             budget -= n
         return items
 
     def _has_room(self, req: SimReq) -> bool:
-        return self.headroom.pages(req) + self.headroom.reserved(self.running) <= self.free
+        return self.headroom.pages(req) + self._reserved() <= self.free
 
     def _step(self) -> None:
         self._room = None

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from adrenaline.core.profile import Profile
-from adrenaline.offload.load_aware import Candidate, ExecutorLoad, LoadAwarePolicy, LoadView, Slo
+from adrenaline.offload.load_aware import MARGIN, Candidate, ExecutorLoad, LoadAwarePolicy, LoadView, Slo
 from adrenaline.offload.policy import LoadView as CountsView
 from adrenaline.offload.policy import StaticRatioPolicy
 from adrenaline.scheduler.placement import LocalLoad
@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 
 class Decider(Protocol):
-    def choose(self, dec: DecodeInstance, req: SimReq) -> bool:
-        """Whether ``req`` (about to be admitted by ``dec``) offloads to its prefill's executor."""
+    def choose(self, dec: DecodeInstance, req: SimReq, fits: bool) -> bool:
+        """Whether ``req`` (about to be admitted by ``dec``, which would admit it locally now when
+        ``fits``) offloads to its prefill's executor."""
 
     def released(self, req: SimReq, executor: int) -> None:
         """An offloaded request left ``executor``, or never reached it (the executor refused)."""
@@ -35,7 +36,7 @@ class Decider(Protocol):
 
 
 class Never:
-    def choose(self, dec: DecodeInstance, req: SimReq) -> bool:
+    def choose(self, dec: DecodeInstance, req: SimReq, fits: bool) -> bool:
         return False
 
     def released(self, req: SimReq, executor: int) -> None:
@@ -56,7 +57,7 @@ class Static(Never):
     def __init__(self, ratio: float, max_offloaded: int | None = None) -> None:
         self.policy = StaticRatioPolicy(ratio, max_offloaded)
 
-    def choose(self, dec: DecodeInstance, req: SimReq) -> bool:
+    def choose(self, dec: DecodeInstance, req: SimReq, fits: bool) -> bool:
         return self.policy.decide(counts_view(*dec.counts()), None).offload
 
 
@@ -64,12 +65,12 @@ class LoadAware(Never):
     """``--attention-offload-policy load-aware``: ``LoadAwarePolicy.decide`` on a ``LoadView`` of
     the simulated state (the executors' reports are exact and current here)."""
 
-    def __init__(self, profile: Profile, slo: Slo, decodes: int) -> None:
-        self.policy = LoadAwarePolicy(profile, slo)
+    def __init__(self, profile: Profile, slo: Slo, decodes: int, margin: float = MARGIN) -> None:
+        self.policy = LoadAwarePolicy(profile, slo, margin)
         self.decodes = decodes
         self.last: tuple[LoadView, Candidate] | None = None  # the inputs of the latest decision
 
-    def view(self, dec: DecodeInstance, req: SimReq) -> tuple[LoadView, Candidate]:
+    def view(self, dec: DecodeInstance, req: SimReq, fits: bool) -> tuple[LoadView, Candidate]:
         local = [r for r in dec.running if r.offload is None]
         ours = sum(r.offload is not None for r in dec.running) + sum(
             r.offload is not None for r in dec.inflight.values()
@@ -87,11 +88,11 @@ class LoadAware(Never):
             prefill_queue=list(p.queue_history),
             ttft_ms=list(p.ttft_history),
         )
-        view = LoadView(len(local), sum(r.seq_len for r in local), ours, [load])
+        view = LoadView(len(local), sum(r.seq_len for r in local), ours, [load], fits)
         return view, Candidate(req.spec.input_len, req.spec.max_new_tokens)
 
-    def choose(self, dec: DecodeInstance, req: SimReq) -> bool:
-        self.last = self.view(dec, req)
+    def choose(self, dec: DecodeInstance, req: SimReq, fits: bool) -> bool:
+        self.last = self.view(dec, req, fits)
         return self.policy.decide(*self.last).executor is not None
 
     def released(self, req: SimReq, executor: int) -> None:
@@ -100,7 +101,7 @@ class LoadAware(Never):
 
 def make_decider(
     kind: str, ratio: float = 0.0, max_offloaded: int | None = None, profile: Profile | None = None,
-    slo: Slo | None = None, decodes: int = 1,
+    slo: Slo | None = None, decodes: int = 1, margin: float = MARGIN,
 ) -> Decider:  # fmt: skip
     if kind == "none" or (kind == "static" and ratio == 0):
         return Never()
@@ -109,5 +110,5 @@ def make_decider(
     if kind == "load-aware":
         if profile is None:
             raise ValueError("the load-aware policy needs a profile (measured, or from the analytic model)")
-        return LoadAware(profile, slo or Slo(), decodes)
+        return LoadAware(profile, slo or Slo(), decodes, margin)
     raise ValueError(f"unknown offload policy {kind!r}")
