@@ -9,8 +9,8 @@ Why not profile at first start: measuring takes up to ~2 minutes of every core, 
 process and an interfering load, on an instance that should be serving, and its numbers would be
 disturbed by the rest of a starting cluster. The fallback instead prices the executor exactly as
 fast as the local side and the exchange as a fixed per-layer cost, so the policy offloads only
-what hides under heavy local attention (a KV-bound instance), and the live correction from
-measured exchange waits takes over from there.
+while that cost keeps the predicted step within the step budget (a KV-bound instance with a large
+local batch), and the live correction from measured exchange waits takes over from there.
 """
 
 from __future__ import annotations
