@@ -164,12 +164,13 @@ def plan(
 # The router's defaults check worker health once a minute and keep a circuit open for 60 s, so a
 # restarted instance would sit unused for about a minute. These make recovery take seconds: a
 # worker is probed every 2 s and back up after 1 good probe; an open circuit (5 failures within
-# 30 s) is retried after 5 s. A probe may take 5 s and a worker goes down after 3 failed ones in a
-# row (a dead one refuses at once: out within ~6 s): SGLang's /health answers on a one-second poll
-# once the scheduler completes a step, and a busy CPU instance's step can take seconds; at 2 s x 2
-# the router took a busy, healthy prefill instance out and answered 503. docs/pd.md explains each.
+# 30 s) is retried after 5 s. A dead worker refuses the probes and is out after 3 (~6 s). A probe
+# may take 10 s, so a busy or briefly starved instance is not taken out (a hung one is, after
+# ~30 s): SGLang's /health answers on a one-second poll once the scheduler completes a step, and a
+# CPU step can take seconds. At 2 s x 2 the router took a busy, healthy prefill instance out and
+# answered 503. docs/pd.md explains each.
 ROUTER_RESILIENCE = [
-    "--health-check-interval-secs", "2", "--health-check-timeout-secs", "5",
+    "--health-check-interval-secs", "2", "--health-check-timeout-secs", "10",
     "--health-failure-threshold", "3", "--health-success-threshold", "1",
     "--cb-failure-threshold", "5", "--cb-success-threshold", "1",
     "--cb-timeout-duration-secs", "5", "--cb-window-duration-secs", "30",
