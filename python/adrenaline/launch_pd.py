@@ -163,11 +163,15 @@ def plan(
 
 # The router's defaults check worker health once a minute and keep a circuit open for 60 s, so a
 # restarted instance would sit unused for about a minute. These make recovery take seconds: a
-# worker is marked down after 2 failed checks 2 s apart and back up after 1 good one; an open
-# circuit (5 failures within 30 s) is retried after 5 s. docs/pd.md explains each.
+# worker is probed every 2 s and back up after 1 good probe; an open circuit (5 failures within
+# 30 s) is retried after 5 s. A dead worker refuses the probes and is out after 3 (~6 s). A probe
+# may take 10 s, so a busy or briefly starved instance is not taken out (a hung one is, after
+# ~30 s): SGLang's /health answers on a one-second poll once the scheduler completes a step, and a
+# CPU step can take seconds. At 2 s x 2 the router took a busy, healthy prefill instance out and
+# answered 503. docs/pd.md explains each.
 ROUTER_RESILIENCE = [
-    "--health-check-interval-secs", "2", "--health-check-timeout-secs", "2",
-    "--health-failure-threshold", "2", "--health-success-threshold", "1",
+    "--health-check-interval-secs", "2", "--health-check-timeout-secs", "10",
+    "--health-failure-threshold", "3", "--health-success-threshold", "1",
     "--cb-failure-threshold", "5", "--cb-success-threshold", "1",
     "--cb-timeout-duration-secs", "5", "--cb-window-duration-secs", "30",
 ]  # fmt: skip

@@ -1,6 +1,7 @@
 """Faults through SGLang's router: a PD pair (prefill with its attention executor, decode offloading
 every request over shared memory) loses its executor, then each instance is stopped (SIGSTOP),
-then the decode and the prefill instance are killed (-9) and restarted.
+then the decode and the prefill instance are killed (-9) and restarted, then the executor and the
+decode instance are killed while the abort of an offloaded stream is under way.
 
 The executor's death is seen when its process exits, not after ``--offload-timeout``: requests in
 flight finish by local recomputation with the engine's tokens, without a stall, and offloading
@@ -61,6 +62,16 @@ def assert_clean(pair: RouterPair) -> None:
     assert d["in_flight"] == 0 and d["offload"]["offloaded_requests"] == 0
     st = wait_until(lambda: executor_state(pair), lambda st: st.get("used_pages") == 0, 60)
     assert st["used_pages"] == 0 and internal_state(pair.prefill)["disaggregation"]["in_flight"] == 0
+
+
+def assert_first_request_served_offloaded(pair: RouterPair, ids: list[int], want: list[int]) -> None:
+    """After a restart: the router serves within seconds (not the minute its default health checks
+    would take), offloaded, with the engine's tokens; then everything is back to zero."""
+    wait_serving(pair.router, pair.url, timeout_s=20)
+    r = generate(pair.url, input_ids=ids, sampling_params=SP)
+    assert r.status_code == 200, r.text
+    assert r.json()["output_ids"] == want and r.json()["meta_info"]["attention_offloaded"] == [True]
+    assert_clean(pair)
 
 
 def test_executor_kill_is_reaped_respawned_and_offloading_resumes(pair, engine):
@@ -156,11 +167,47 @@ def test_decode_killed_mid_decode_then_restarted_serves_within_seconds(pair, eng
     st = wait_until(lambda: executor_state(pair), lambda st: st["used_pages"] == 0, 30)
     assert st["used_pages"] == 0 and st["requests"] == 0
     pair.restart("decode")
-    wait_serving(pair.router, pair.url, timeout_s=20)
-    r = generate(pair.url, input_ids=ids, sampling_params=SP)
-    assert r.status_code == 200, r.text
-    assert r.json()["output_ids"] == want and r.json()["meta_info"]["attention_offloaded"] == [True]
-    assert_clean(pair)
+    assert_first_request_served_offloaded(pair, ids, want)
+
+
+class Cut(Exception):
+    """Raised from a stream's chunk callback: leaving the stream closes the client's connection."""
+
+
+@pytest.mark.parametrize("target", ["executor", "decode"])
+def test_killed_while_an_offloaded_stream_is_aborted(pair, engine, target):
+    """The client drops an offloaded stream after its second chunk and, while that abort travels
+    (router, decode front end, scheduler, frees to the executor), the executor or the whole decode
+    instance is killed -9. Without its executor a request is served at once by local recompute;
+    after the respawn or the restart the first request is served, offloaded, within seconds, and
+    KV, rooms and executor pages are back to 0 (no abort left half done on either side)."""
+    wait_serving(pair.router, pair.url)
+    ids = list(range(700, 730))
+    want = engine.generate(input_ids=ids, sampling_params=SP)["output_ids"]
+    restarts = executor_state(pair)["restarts"]
+    victims = pids(pair, target)
+    assert victims
+
+    def cut(n: int) -> None:
+        if n == 2:
+            raise Cut
+
+    with pytest.raises(Cut):
+        stream_generate(pair.url, {"input_ids": ids, "sampling_params": SP}, cut)
+    for p in victims:
+        p.kill()
+    if target == "executor":  # its death is seen at once: served by local recompute, no timeout
+        tic = time.monotonic()
+        r = generate(pair.url, input_ids=ids, sampling_params=SP)
+        assert r.status_code == 200, r.text
+        assert r.json()["output_ids"] == want and time.monotonic() - tic < OFFLOAD_TIMEOUT_S / 2
+        st = wait_until(
+            lambda: executor_state(pair), lambda st: st["restarts"] > restarts and not st["down"], 120
+        )
+        assert st["restarts"] == restarts + 1 and not st["down"]
+    else:
+        pair.restart("decode")
+    assert_first_request_served_offloaded(pair, ids, want)
 
 
 def test_restarted_prefill_serves_the_first_requests(pair, engine):

@@ -5,7 +5,13 @@ client, ``python -m sglang.benchmark.serving --backend sglang --dataset-name ran
         --max-concurrency 16 -- --dtype bfloat16
 
 Arguments after ``--`` go to the server. Prints one line of figures and, with ``--output``,
-appends SGLang's JSON result there.
+appends SGLang's JSON result there. To compare server flags on the same machine state, give each
+variant's extra flags with ``--variant=FLAGS`` (repeatable; ``--variant=`` is none) and
+``--rounds N``: the variants then run in turn, N times, each on a fresh server, and a last table
+gives each variant's median figures (drift in the machine's load hits all variants alike):
+
+    python -m adrenaline.bench.serving --variant= --variant=--enable-deterministic-inference \\
+        --rounds 3 -- --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +152,21 @@ def parse_args(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[st
     return ap.parse_args(argv[:cut]), argv[cut + 1 :]
 
 
+def run_once(server_args: list[str], model: str, args: argparse.Namespace, label: str) -> dict:
+    """One fresh server with ``server_args``, driven once; its figures (``--output`` gets them)."""
+    port = free_port()
+    with server(server_args, port):
+        before = internal_state(port)["stats"]
+        result = run_client(port, model, args)
+        log_run(args, label, result, before, internal_state(port)["stats"], port)
+    result.pop("requests")
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(json.dumps({**result, "run": label}) + "\n")
+    print(f"{label}: " + " | ".join(f"{k} {result[k]:.2f}" for k in FIELDS if k in result), flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=32)
@@ -151,24 +174,35 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--output", default=None, help="append SGLang's JSON result to this file")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        metavar="FLAGS",
+        help="server flags added for one variant (repeatable; write --variant=FLAGS)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="how often each variant runs, interleaved")
     args, server_args = parse_args(ap)
     model = resolve_model_path(None)
     if "--model-path" in server_args:
         model = server_args[server_args.index("--model-path") + 1]
-    port = free_port()
-    with server(server_args, port):
-        before = internal_state(port)["stats"]
-        result = run_client(port, model, args)
-        log_run(args, "single", result, before, internal_state(port)["stats"], port)
-    result.pop("requests")
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    variants = args.variant or [""]
     print(
         f"server args: {' '.join(server_args) or '(defaults)'}; {args.num_prompts} prompts, "
-        f"in {args.input_len} / out {args.output_len}, concurrency {args.max_concurrency}"
+        f"in {args.input_len} / out {args.output_len}, concurrency {args.max_concurrency}",
+        flush=True,
     )
-    print(" | ".join(f"{k} {result[k]:.2f}" for k in FIELDS if k in result))
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for v in variants:
+            label = f"single{' ' + v if v else ''}" + (f" (round {r + 1})" if args.rounds > 1 else "")
+            runs[v].append(run_once(server_args + shlex.split(v), model, args, label))
+    if len(variants) > 1 or args.rounds > 1:
+        keys = [k for k in FIELDS if k in runs[variants[0]][0]]
+        print(f"\nmedians over {args.rounds} round(s)\n| variant | " + " | ".join(keys) + " |")
+        print("|---|" + "---:|" * len(keys))
+        for v, results in runs.items():
+            medians = [statistics.median(res[k] for res in results) for k in keys]
+            print(f"| {v or '(none)'} | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
 
 
 if __name__ == "__main__":

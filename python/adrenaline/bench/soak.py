@@ -21,6 +21,7 @@ import random
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -109,9 +110,12 @@ def one_request(url: str, rng: random.Random, abort_share: float, tally: Tally) 
                 tally.aborted += cut
                 tally.done += not cut
                 tally.tokens += tokens
+    except urllib.error.HTTPError as e:  # the body says which side failed and why (router or instance)
+        with tally.lock:
+            tally.errors.append(f"HTTP {e.code} at {time.strftime('%H:%M:%S')}: {e.read()[:300]!r}")
     except Exception as e:  # noqa: BLE001 - every failure is counted and reported
         with tally.lock:
-            tally.errors.append(f"{type(e).__name__}: {e}")
+            tally.errors.append(f"{type(e).__name__} at {time.strftime('%H:%M:%S')}: {e}")
 
 
 def drive(url: str, clients: int, until: float, abort_share: float, tally: Tally) -> None:
@@ -162,7 +166,11 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         while load.is_alive():
             load.join(args.sample_every)
-            st, (rss, fds) = pages(decode, prefill), footprint([decode, prefill, router])
+            try:
+                st, (rss, fds) = pages(decode, prefill), footprint([decode, prefill, router])
+            except OSError as e:  # a busy instance may not answer /server_info in time: no sample
+                print(f"| {time.monotonic() - start:.0f} | no sample: {e} |", flush=True)
+                continue
             print(f"| {time.monotonic() - start:.0f} | {st['decode_pages']} | {st['prefill_pages']} | "
                   f"{st['executor_pages']} | {rss:.0f} | {fds} | {tally.done} | {len(tally.errors)} |",
                   flush=True)  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import setproctitle
 import zmq
+from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 from sglang.srt.managers import io_struct as io
 from sglang.srt.utils.network import get_zmq_socket
 
@@ -84,6 +85,7 @@ class SchedulerProcess:
             "scheduler_startup_time": self.startup_time,
         }
         self.max_parallel_samples = ours.max_parallel_samples
+        self.health_checks: list[io.TokenizedGenerateReqInput] = []  # answered after the next step
         self.poller = zmq.Poller()
         self.poller.register(self.recv, zmq.POLLIN)
         if self.pd is not None:
@@ -149,6 +151,12 @@ class SchedulerProcess:
             self.control.handle(msg)
 
     def _add(self, msg: io.TokenizedGenerateReqInput) -> None:
+        if str(msg.rid).startswith(HEALTH_CHECK_RID_PREFIX) and self.scheduler.has_work:
+            # As SGLang's scheduler does: a busy loop shows its health by its next step. Queued
+            # behind every waiting prompt, the probe (/health) would time out, and the router
+            # would take a busy, healthy instance out of service (HTTP 503 to clients).
+            self.health_checks.append(msg)
+            return
         try:
             check_parallel_samples(msg, self.max_parallel_samples)
             req: Req = req_from_tokenized(msg, self.context_len)
@@ -189,6 +197,9 @@ class SchedulerProcess:
             if len(self.outputs):
                 io.sock_send(self.to_detokenizer, self.outputs.build())
                 self.outputs = OutputBatch()
+            for msg in self.health_checks:
+                self._reply(io.HealthCheckOutput(rid=msg.rid), msg)
+            self.health_checks.clear()
             control.check_pending()
             went_idle = was_busy and not s.has_work
             was_busy = s.has_work
