@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_prompts
+from server_utils import Server, generate, generate_all
 from test_offload_hook import InProcessRemote
 
 from adrenaline import Engine
@@ -99,3 +100,14 @@ def test_bf16_offloaded_equals_local():
         eng.shutdown()
     assert remote.layers_seen > 0
     assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
+
+
+def test_server_flag_bf16_alone_equals_together(tmp_path):
+    """SGLang's flag on ``launch_server`` (our scheduler takes it over; SGLang's front end would
+    refuse it on CPU): bf16 prompts served one at a time get the tokens they get all at once."""
+    prompts = random_prompts(8, 49152, [8, 23, 41, 70], seed=5)
+    flags = ("--dtype", "bfloat16", "--chunked-prefill-size", "64", "--enable-deterministic-inference")
+    with Server(tmp_path, *flags) as server:
+        together = generate_all(server.url, prompts, [GREEDY] * len(prompts))
+        alone = [generate(server, input_ids=p, sampling_params=GREEDY).json() for p in prompts]
+    assert [a["output_ids"] for a in alone] == [t["output_ids"] for t in together]

@@ -68,6 +68,10 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerArgs, Adrena
     problems = unsupported_flags(server_args)
     if problems:
         parser.error("; ".join(problems))
+    # Our scheduler runs deterministic inference with its own batch-invariant kernels. SGLang's
+    # front end would resolve the flag for its own scheduler, demanding one of its GPU attention
+    # backends (and refusing CPU), so it sees the flag off.
+    server_args.enable_deterministic_inference = False
     return server_args, ours
 
 

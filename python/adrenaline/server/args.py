@@ -68,8 +68,10 @@ def unsupported_flags(sa: Any) -> list[str]:
     return problems
 
 
-def engine_config(sa: Any) -> EngineConfig:
-    """The ``EngineConfig`` for the flags the user set on ``sa`` (raw, unresolved values)."""
+def engine_config(sa: Any, deterministic: bool = False) -> EngineConfig:
+    """The ``EngineConfig`` for the flags the user set on ``sa`` (raw, unresolved values);
+    ``deterministic``: batch-invariant kernels even when ``sa`` no longer carries the flag."""
+    deterministic = deterministic or bool(getattr(sa, "enable_deterministic_inference", False))
     kw: dict[str, Any] = {
         "model_path": sa.model_path,
         "skip_tokenizer_init": bool(sa.skip_tokenizer_init),
@@ -78,7 +80,7 @@ def engine_config(sa: Any) -> EngineConfig:
         "attention_backend": ATTENTION_BACKENDS[sa.attention_backend],
         "enable_prefix_caching": not sa.disable_radix_cache,
         "cuda_graph": not getattr(sa, "disable_cuda_graph", False),
-        "enable_deterministic_inference": bool(getattr(sa, "enable_deterministic_inference", False)),
+        "enable_deterministic_inference": deterministic,
     }
     for src, dst in PASSTHROUGH.items():
         value = getattr(sa, src, None)
@@ -97,6 +99,8 @@ class AdrenalineArgs:
 
     pd_transport: str = "tcp"
     pd_timeout: float = 60.0
+    # SGLang's --enable-deterministic-inference, taken over by our scheduler (``parse_server_args``)
+    enable_deterministic_inference: bool = False
     pd_advertise_host: str | None = None
     mooncake_protocol: str = "tcp"
     mooncake_device: str = ""

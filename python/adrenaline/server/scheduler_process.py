@@ -41,7 +41,7 @@ IDLE_POLL_MS = 50  # how long an idle loop waits for a message before its housek
 class SchedulerProcess:
     def __init__(self, server_args: Any, port_args: Any, ours: AdrenalineArgs) -> None:
         tic = time.perf_counter()
-        self.config = engine_config(server_args)
+        self.config = engine_config(server_args, ours.enable_deterministic_inference)
         model_path = resolve_model_path(self.config.model_path)
         tokenizer = None
         if not self.config.skip_tokenizer_init:
