@@ -241,7 +241,11 @@ class AdrenalineArgs:
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> AdrenalineArgs:
-        args = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        sglang_owned = "enable_deterministic_inference"  # SGLang's flag: absent from our parser alone
+        args = cls(
+            **{f.name: getattr(ns, f.name) for f in fields(cls) if f.name != sglang_owned},
+            enable_deterministic_inference=bool(getattr(ns, sglang_owned, False)),
+        )
         for name in ("pd_timeout", "offload_timeout"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
