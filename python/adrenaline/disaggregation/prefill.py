@@ -324,10 +324,11 @@ class PrefillTransfers(TransferManager):
                 self._send(t, KVAlive(t.room))
         for t in [t for t in self.out.values() if t.deadline < now or t.error is not None]:
             what = "acknowledged" if t.peer else "claimed"
-            text = f"no decode instance {what} the KV of bootstrap room {t.room} within {self.timeout_s:g} s"
-            logger.warning(t.error or text)
-            self._cancel_peer(t, t.error or text)
-            self._fail(t, t.error or text, 502 if t.error else 504)
+            late = f"no decode instance {what} the KV of bootstrap room {t.room} within {self.timeout_s:g} s"
+            text = t.error or late
+            logger.warning(text)
+            self._cancel_peer(t, text)
+            self._fail(t, text, 502 if t.error else 504)
         self.ended = {room: e for room, e in self.ended.items() if e[1] >= now}
         for room, (peer, _, deadline) in list(self.early.items()):
             if deadline < now:

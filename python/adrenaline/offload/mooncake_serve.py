@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -21,14 +20,12 @@ from adrenaline.transport.base import TransportError
 from adrenaline.transport.mooncake_engine import MooncakeEngine
 from adrenaline.transport.mooncake_offload import POLL_S, OffloadEndpoint, OffloadEvent, OffloadServer
 from adrenaline.transport.shm_exchange import StepMeta
+from adrenaline.transport.shm_server import Attend, Begin
 
 logger = logging.getLogger(__name__)
 
 IDLE_AFTER_S = 0.5  # without a notice for this long, poll every IDLE_POLL_S
 IDLE_POLL_S = 0.005
-
-Begin = Callable[[StepMeta], None]
-Attend = Callable[[StepMeta, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class MooncakeService:
