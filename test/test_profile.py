@@ -14,6 +14,7 @@ from sglang.srt.managers import io_struct as io
 
 from adrenaline.core.profile import Curve, Profile, load_profile
 from adrenaline.model_config import ModelConfig
+from adrenaline.profile.frontend import frontend_ms_per_token
 from adrenaline.profile.overhead import OverheadRig
 from adrenaline.profile.run import Plan, rising_grid
 
@@ -65,6 +66,7 @@ def test_a_profile_without_the_overhead_curve_loads_and_prices_steps_as_before(t
     }  # fmt: skip
     p = Profile.from_dict(old)
     assert p.overhead_ms(8) == 0.0 and p.step_ms(8, 256) == 3.0 + 2 * 4
+    assert p.frontend_ms_per_token == 0.0  # not measured then
     p.decode_overhead = Curve([1, 8], [0.5, 1.5])
     assert p.step_ms(8, 256) == 3.0 + 1.5 + 2 * 4
     again = tmp_path / "p.json"
@@ -83,3 +85,11 @@ def test_overhead_rig_runs_decode_steps_of_the_asked_batch(tiny_model_factory):
     msg = pickle.loads(rig.last)
     assert len(msg.rids) == 8 and [len(ids) for ids in msg.output_ids] == [1] * 8
     assert msg.finished_reasons == [None] * 8  # none ends while timed
+
+
+def test_a_served_streams_front_end_is_charged_per_token(default_model):
+    """A real server streams to SGLang's client; its HTTP front end and detokenizer are found by
+    the titles they run under and their CPU is divided by the tokens streamed: some work per
+    token, and less than a whole token's decode step here (~30 ms)."""
+    ms = frontend_ms_per_token(default_model, "float32", prompts=8, output_len=16, concurrency=8)
+    assert 0 < ms < 30

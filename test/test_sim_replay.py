@@ -93,3 +93,29 @@ def test_run_log_format_round_trips(tmp_path):
     write_run_log(tmp_path / "run.jsonl", {"a": (DEPLOYMENT, {"x": 1}), "b": (OFFLOAD, {})})
     runs = read_runs(tmp_path / "run.jsonl")
     assert [(r.run, len(r.requests)) for r in runs] == [("a", 80), ("b", 80)] and runs[0].measured == {"x": 1}
+
+
+def test_a_logged_client_and_router_are_charged_to_the_decode_cores_in_their_share(tmp_path):
+    """They ran unpinned on all the machine's cores: the decode instance, on 1 of 2, pays half."""
+    cpu = {"decode frontend": 0.3, "router": 0.4, "client": 0.2}
+    dep = {**DEPLOYMENT, "cores": 2, "decode_cores": 1}
+    log = tmp_path / "run.jsonl"
+    write_run_log(log, {"measured": (dep, {"cpu_ms_per_token": cpu}), "older": (DEPLOYMENT, {})})
+    assert abs(parse(["--replay", str(log), "--run", "measured"]).host_ms_per_token - 0.3) < 1e-9
+    assert parse(["--replay", str(log), "--run", "older"]).host_ms_per_token == 0.0  # not measured
+    flagged = parse(["--replay", str(log), "--run", "measured", "--host-ms-per-token", "0"])
+    assert flagged.host_ms_per_token == 0.0
+
+
+def test_streamed_tokens_cost_the_decode_step_their_front_end_and_host_cpu():
+    prof = profile_of(AnalyticCost(MODEL, gpu("a100-80g")), 0.5)
+    bare = ProfileCost(prof, MODEL, 6000)
+    prof.frontend_ms_per_token = 0.25
+    both = ProfileCost(prof, MODEL, 6000, host_ms_per_token=0.5)
+    for rows in (1, 8, 64):
+        assert abs(both.dense_time(rows) - bare.dense_time(rows) - rows * 0.75e-3) < 1e-12
+    specs = synthetic("sharegpt", 60, rate=None, seed=3)
+    dep = Deployment(chunk_budget=2048, decode_kv_tokens=6000, prefill_kv_tokens=50000, concurrency=16)
+    _, fast = Setup(bare, dep, "static", 0.0).run(specs)
+    _, slow = Setup(both, dep, "static", 0.0).run(specs)
+    assert slow.tpot_p50_ms > fast.tpot_p50_ms and slow.output_tok_s < fast.output_tok_s

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import urllib.request
 from collections.abc import Sequence
 
+from adrenaline.bench.cpu_use import cores_of
 from adrenaline.core.run_log import Run, append_run
 
 MEASURED = ("output_throughput", "median_tpot_ms", "p99_tpot_ms", "median_ttft_ms", "duration")
@@ -61,6 +63,8 @@ def describe(decode_port: int, prefill_port: int | None, decode_flags: Sequence[
         "decode_kv_tokens": d["max_total_num_tokens"],
         "concurrency": clients,
         "flags": list(decode_flags),
+        "cores": len(os.sched_getaffinity(0)),  # the machine's, shared by the servers, router, client
+        "decode_cores": cores_of(decode_port),
     }
     if prefill_port:
         p = internal_state(prefill_port)
@@ -82,5 +86,6 @@ def log_run(
         return
     measured = {k: result[k] for k in MEASURED if k in result}
     measured["mean_decode_batch"] = mean_batch(before, after)
+    measured["cpu_ms_per_token"] = result.get("cpu_ms_per_token", {})
     dep = describe(decode_port, prefill_port, decode_flags, args.max_concurrency)
     append_run(args.request_log, Run(run, dep, measured, result["requests"]))

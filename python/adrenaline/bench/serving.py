@@ -29,6 +29,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
+from adrenaline.bench.cpu_use import per_token_ms, snapshot
 from adrenaline.bench.request_log import internal_state, log_run
 from adrenaline.models.default_model import resolve_model_path
 from adrenaline.procs import free_port, spawn
@@ -70,9 +71,15 @@ def server(extra: list[str], port: int, timeout: float = 300):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_client(port: int, tokenizer: str, args: argparse.Namespace) -> dict:
+def run_client(
+    port: int, tokenizer: str, args: argparse.Namespace, start: tuple[str, float] | None = None
+) -> dict:
     """SGLang's figures, plus ``requests``: each request's send, first-token and finish times
-    (seconds from the first send) and lengths, for the request log (``bench.request_log``)."""
+    (seconds from the first send) and lengths, for the request log (``bench.request_log``), and
+    ``cpu_ms_per_token``: each serving process role's CPU per output token over the run, the
+    client's own included (``bench.cpu_use``; the roles of every deployment up on the machine).
+    ``start``: (start file, delay) for clients started together (``bench.client``)."""
+    cpu_before = snapshot()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.jsonl")
         records = os.path.join(tmp, "requests.jsonl")
@@ -105,13 +112,17 @@ def run_client(port: int, tokenizer: str, args: argparse.Namespace) -> dict:
                 "--output-file",
                 out,
                 "--output-details",
+                *(("--start-file", start[0], "--delay", str(start[1])) if start else ()),
             ],
             check=True,
         )
         with open(out) as f:
             result = json.loads(f.read().splitlines()[-1])
         with open(records) as f:
-            sent = [json.loads(line) for line in f]
+            *sent, client = [json.loads(line) for line in f]
+    cpu = per_token_ms(cpu_before, snapshot(), result["total_output_tokens"])
+    cpu["client"] = round(client["client_cpu_s"] * 1e3 / max(result["total_output_tokens"], 1), 4)
+    result["cpu_ms_per_token"] = cpu
     t0 = min((r["start_time"] for r in sent), default=0.0)
     result["requests"] = [
         {

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
+import os
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -61,22 +64,34 @@ def scaled(w: Workload, scale: float) -> Workload:
 
 
 def run_workload(router_port: int, model: str, w: Workload) -> dict[str, float]:
-    """All of ``w``'s streams at once, each from its ``start_s``; the combined figures."""
+    """All of ``w``'s streams at once, each from its ``start_s``; the combined figures. The
+    clients start once all have imported (``bench.client --start-file``): a client's imports take
+    ~10 s of CPU, which would otherwise land in the streams already running."""
     results: list[dict | None] = [None] * len(w.streams)
     errors: list[BaseException] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start_file = os.path.join(tmp, "start")
 
-    def one(i: int) -> None:
-        time.sleep(w.streams[i].start_s)
-        try:
-            results[i] = run_client(router_port, model, w.streams[i].client_args())
-        except BaseException as e:  # re-raised below, in the caller's thread
-            errors.append(e)
+        def one(i: int) -> None:
+            try:
+                start = (start_file, w.streams[i].start_s)
+                results[i] = run_client(router_port, model, w.streams[i].client_args(), start)
+            except BaseException as e:  # re-raised below, in the caller's thread
+                errors.append(e)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(w.streams))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(w.streams))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 300
+        while len(glob.glob(start_file + ".ready.*")) < len(threads) and time.monotonic() < deadline:
+            if not any(t.is_alive() for t in threads):
+                break
+            time.sleep(0.05)
+        with open(start_file + ".tmp", "w") as f:
+            f.write(repr(time.time()))
+        os.replace(start_file + ".tmp", start_file)  # whole, or not there yet
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
     steady = results[0]

@@ -18,6 +18,7 @@ JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per sec
       "exchange":           {"x": [rows...],   "y": [ms per layer round trip, one KV page per row]},
       "prefill_interference": {"x": [cores held by executor load], "y": [prefill tokens/s, rest]},
       "decode_overhead":    {"x": [batch...],  "y": [ms per decode step outside the forward]},
+      "frontend_ms_per_token": 0.31,               # HTTP front end + detokenizer CPU per token
       "created": "2026-11-29T18:00:00Z"
     }
 
@@ -31,6 +32,12 @@ JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per sec
 step around it (batch forming, sampling, finish checks, the streamed output sent on), which runs
 in series with the forward. A profile written before that curve existed loads with it at zero
 (the version stays 1): its steps are priced as before, without the overhead.
+
+``frontend_ms_per_token`` is the CPU the server's other processes spend per streamed token (SGLang's
+HTTP server and TokenizerManager, and its detokenizer), measured on a served stream. They run
+beside the scheduler, so they cost a step nothing on a machine with cores to spare; the capacity
+planner adds them to the decode step where they share the decode instance's cores (a CPU
+deployment). 0 in a profile measured without it.
 
 Times are the fastest of a few runs, made non-decreasing along each axis by the profiler (more
 work never costs less; a noisy dip would mislead the policy). ``executor_threads_scaling`` and
@@ -114,6 +121,7 @@ class Profile:
     prefill_interference: Curve
     created: str = ""
     decode_overhead: Curve = field(default_factory=lambda: Curve([1], [0.0]))  # older profiles: none
+    frontend_ms_per_token: float = 0.0  # older profiles, and ``--no-frontend``: not measured
     version: int = field(default=VERSION)
 
     # ---- the quantities the policy and the simulator ask for -----------------------------------

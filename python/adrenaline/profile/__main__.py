@@ -1,6 +1,7 @@
 """Measure this machine's offload profile for a model and dtype; write JSON and PNG plots.
 
     python -m adrenaline.profile [--model-path P] [--dtype float32] [--output F.json] [--quick]
+                                 [--no-frontend]
 
 Without ``--output`` the profile goes to the cache the server reads at start
 (``~/.cache/adrenaline/profiles/<model>-<dtype>-<machine>.json``, see ``offload.profile_source``).
@@ -30,11 +31,25 @@ def main(argv: list[str] | None = None) -> Path:
         default=None,
         help="the decode instance's threads (default: all cores here; 1 for a decode pinned to one core)",
     )
-    ap.add_argument("--quick", action="store_true", help="two points per axis (seconds, for tests)")
+    ap.add_argument(
+        "--quick", action="store_true", help="two points per axis, no front end (seconds, for tests)"
+    )
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--no-frontend",
+        action="store_true",
+        help="skip the served stream's front-end CPU (it starts a server, ~30 s; the planner's input)",
+    )
     args = ap.parse_args(argv)
     model_path = resolve_model_path(args.model_path)
-    profile = run_profile(model_path, args.dtype, args.executor_threads, args.quick, args.decode_threads)
+    profile = run_profile(
+        model_path,
+        args.dtype,
+        args.executor_threads,
+        args.quick,
+        args.decode_threads,
+        not (args.no_frontend or args.quick),
+    )
     out = (
         Path(args.output) if args.output else default_profile_path(model_path, profile.dtype, profile.device)
     )

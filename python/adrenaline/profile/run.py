@@ -18,6 +18,7 @@ from tqdm import tqdm
 from adrenaline.core.profile import Curve, Grid, Profile, load_profile, save_profile
 from adrenaline.offload.profile_source import default_profile_path, machine
 from adrenaline.profile.exchange import ExchangeRig
+from adrenaline.profile.frontend import frontend_ms_per_token
 from adrenaline.profile.interference import prefill_under_load
 from adrenaline.profile.measure import Rig
 from adrenaline.profile.overhead import OverheadRig
@@ -63,9 +64,11 @@ def run_profile(
     executor_threads: int = 1,
     quick: bool = False,
     decode_threads: int | None = None,
+    frontend: bool = False,
 ) -> Profile:
     """``decode_threads``: the decode instance's threads, which its dense work and local attention
-    run on (default: every core this process may use)."""
+    run on (default: every core this process may use). ``frontend``: also time a served stream's
+    front-end CPU (``profile/frontend.py``; starts a server)."""
     plan = Plan.of(quick)
     cores = sorted(os.sched_getaffinity(0))
     executor_threads = min(executor_threads, len(cores))
@@ -73,6 +76,7 @@ def run_profile(
     rig = Rig(model_path, dtype, max(plan.attn_batches), max(plan.contexts))
     mc, grid_points = rig.mc, len(plan.attn_batches) * len(plan.contexts)
     total = 2 * len(plan.dense_batches) + 2 * grid_points + len(cores) + len(plan.exchange_rows) + len(cores)
+    total += frontend
     bar = tqdm(total=total, desc="profiling", unit="point")
 
     def measure(fn, *args) -> float:
@@ -106,11 +110,13 @@ def run_profile(
     busy, prefill = prefill_under_load(
         lambda: measure(rig.prefill_tokens_per_s, plan.prefill_tokens, plan.reps), heads, rig.dtype, cores
     )
+    dtype_name = str(rig.dtype).removeprefix("torch.")
+    served = measure(frontend_ms_per_token, model_path, dtype_name) if frontend else 0.0
     bar.close()
     device = "cpu" if rig.device.type == "cpu" else torch.cuda.get_device_name(rig.device)
     return Profile(
         model=Path(model_path.rstrip("/")).name,
-        dtype=str(rig.dtype).removeprefix("torch."),
+        dtype=dtype_name,
         device=rig.device.type,
         machine=machine(device),
         num_layers=mc.num_layers,
@@ -123,6 +129,7 @@ def run_profile(
         exchange=Curve(plan.exchange_rows, rising(trips)),
         prefill_interference=Curve(busy, prefill),
         decode_overhead=Curve(plan.dense_batches, rising(overhead)),
+        frontend_ms_per_token=served,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 

@@ -41,6 +41,13 @@ def parser() -> argparse.ArgumentParser:
     hw.add_argument("--tp", type=int, default=1, help="GPUs per instance (tensor parallel)")
     hw.add_argument("--profile", help="a measured profile (python -m adrenaline.profile) instead of a preset")
     hw.add_argument(
+        "--host-ms-per-token",
+        type=float,
+        default=0.0,
+        help="with --profile: CPU ms per streamed token of other processes on the decode cores "
+        "(a replayed benchmark's client and router: from its log)",
+    )
+    hw.add_argument(
         "--model", default=None, help=f"{sorted(INLINE_CONFIGS)} or an HF config.json (or its dir)"
     )
     wl = p.add_argument_group("workload")
@@ -88,7 +95,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
         model = ModelSpec.load(args.model or "smollm2-135m")
         if not args.decode_kv_tokens:
             raise SystemExit("--profile needs --decode-kv-tokens (a profile holds no memory sizes)")
-        cost = ProfileCost(prof, model, args.decode_kv_tokens)
+        cost = ProfileCost(prof, model, args.decode_kv_tokens, host_ms_per_token=args.host_ms_per_token)
         chunk = args.chunk_budget or 2048
     else:
         prof = None

@@ -1,10 +1,15 @@
 """The cost model from a measured profile, and a profile computed from the analytic model.
 
 ``ProfileCost`` answers ``CostModel`` from ``python -m adrenaline.profile``'s curves (this
-machine, measured). The profile has neither memory sizes nor a PD transfer curve: pools come from
-the deployment's flags, the transfer from a stated bandwidth. ``profile_of`` goes the other way:
-it tabulates an analytic model as a ``Profile``, so the runtime's load-aware policy, which reads
-profiles, decides on simulated hardware exactly as it would on measured curves.
+machine, measured). On a CPU machine the decode instance's cores also run its front end and
+whatever else is placed there; their CPU per streamed token (the profile's front end, plus
+``host_ms_per_token`` for other processes, e.g. a benchmark's client and router) is added to
+each decode step, per token it streams. The profile has neither memory sizes nor a PD transfer
+curve: pools come from the deployment's flags, the transfer from a stated bandwidth.
+
+``profile_of`` goes the other way: it tabulates an analytic model as a ``Profile``, so the
+runtime's load-aware policy, which reads profiles, decides on simulated hardware exactly as it
+would on measured curves.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ class ProfileCost:
         kv_tokens: int,
         transfer_bw: float = 1e9,  # bytes/s: PD KV transfer, not in the profile (loopback-TCP-class)
         transfer_latency: float = 200e-6,
+        host_ms_per_token: float = 0.0,
     ) -> None:
         self.profile, self.model, self.kv_tokens = profile, model, kv_tokens
+        self.per_token_ms = profile.frontend_ms_per_token + host_ms_per_token
         self.transfer_bw, self.transfer_latency = transfer_bw, transfer_latency
 
     def prefill_time(self, tokens: int, attn_pairs: float, exec_share: float = 0.0) -> float:
@@ -33,9 +40,10 @@ class ProfileCost:
         return tokens / self.profile.prefill_tokens_per_s(held)
 
     def dense_time(self, rows: int) -> float:
-        """The forward's dense part plus the scheduler's own work around it (measured; an older
-        profile has none)."""
-        return (self.profile.dense_ms(rows) + self.profile.overhead_ms(rows)) / 1e3
+        """The forward's dense part, the scheduler's own work around it and the CPU the step's
+        streamed tokens cost on the same cores (measured; an older profile has neither)."""
+        prof = self.profile
+        return (prof.dense_ms(rows) + prof.overhead_ms(rows) + rows * self.per_token_ms) / 1e3
 
     def attention_time(self, rows: int, context: int) -> float:
         return self.profile.num_layers * self.profile.local_attention_ms(rows, context) / 1e3

@@ -5,6 +5,10 @@ The benchmarks' client is closed-loop (``--max-concurrency`` clients, each sendi
 request when the last one ends), so a run replays as a closed loop of that many clients over the
 logged requests in send order, not at the logged send times: those already contain the measured
 latencies the simulation is to predict.
+
+The benchmark's own client and its router ran on the same machine, unpinned: a log that measured
+their CPU per token (``cpu_ms_per_token``) charges the decode instance its cores' share of it
+(``--host-ms-per-token``), as they took it from the decode steps.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ def specs(run: Run) -> list[Spec]:
     return [Spec(None, r["input_len"], r["output_len"], r["output_len"]) for r in reqs]
 
 
+def rig_share(run: Run) -> float:
+    """The benchmark client's and router's CPU per token on the decode instance's cores: theirs
+    in proportion to the cores the decode instance holds (they ran on all of them)."""
+    cpu, dep = run.measured.get("cpu_ms_per_token", {}), run.deployment
+    if not cpu or not dep.get("cores"):
+        return 0.0
+    return (cpu.get("router", 0.0) + cpu.get("client", 0.0)) * dep["decode_cores"] / dep["cores"]
+
+
 def flag_defaults(run: Run) -> dict:
     """The CLI's flags for the run's deployment."""
     dep = run.deployment
@@ -54,6 +67,7 @@ def flag_defaults(run: Run) -> dict:
         raise SystemExit(f"run {run.run!r} is a single instance; the simulator models PD clusters")
     out = {k: dep[k] for k in SAME if dep.get(k) is not None}
     out["offload"] = dep["offload"]
+    out["host_ms_per_token"] = rig_share(run)
     if dep["offload"]:
         out["offload_policy"] = dep["offload_policy"]
     return out
