@@ -341,3 +341,33 @@ def test_dead_decode_instance_seen_by_the_writer(cluster, monkeypatch):
     assert p.finished_reason["status_code"] == 502 and "not sent" in message(p)
     assert "not sent" in message(d) and cluster.movers[0].sessions == {}  # it must ask again
     cluster.assert_clean()
+
+
+@pytest.mark.parametrize("cluster", [{"decode_tokens": 64}], indirect=True)
+@pytest.mark.parametrize("first", ["decode", "prefill"])
+def test_a_request_the_decode_side_refuses_ends_at_once_on_the_prefill_side(cluster, first):
+    """A prompt longer than the decode instance can ever hold is a client error there (400). Its
+    prefill instance, which has it or is about to, is told at once instead of holding its KV
+    (and the router's reply) until --pd-timeout; nothing is computed for a refusal that came first."""
+    ids = [(7 * i) % 500 + 1 for i in range(70)]
+    assert len(ids) >= 64
+    second = "prefill" if first == "decode" else "decode"
+
+    def add(side: str):
+        if side == "decode":
+            with pytest.raises(ValueError, match="this server accepts at most 63"):
+                cluster.add("r", ids, N, room=5, side="decode")
+            return None
+        return cluster.add("r", ids, N, room=5, side="prefill")[0]
+
+    forwards = cluster.p_sched.stats.forward_passes
+    p = add(first)
+    cluster.iterate(decode=False)  # messages sent so far are handled
+    p = add(second) or p
+    cluster.run(lambda: finished(p) and not cluster.prefill.out, limit_s=10)
+    assert p.finished_reason["type"] == "abort" and "refused by the decode instance" in message(p)
+    assert p in cluster.emitted["prefill"]
+    if first == "decode":
+        assert p.finished_reason["status_code"] == 400 and cluster.p_sched.stats.forward_passes == forwards
+    assert not cluster.prefill.refused and not cluster.prefill.out
+    cluster.assert_clean()

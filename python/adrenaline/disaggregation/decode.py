@@ -80,7 +80,11 @@ class DecodeTransfers(TransferManager):
         host, port, room = boot
         if room in self.inbound:
             raise ValueError(f"bootstrap_room {room} is already in use on this decode instance")
-        self.scheduler.validate(req)
+        try:
+            self.scheduler.validate(req)
+        except ValueError as e:  # the client hears it now; its prefill instance must not wait for us
+            self._refused(boot[:2], room, f"refused by the decode instance: {e}")
+            raise
         # Prompt logprobs are the prefill instance's: SGLang's router merges them into the reply.
         req.logprob_start_len = -1
         self.scheduler.add_request(req)
@@ -88,6 +92,14 @@ class DecodeTransfers(TransferManager):
             self.emit(req)
             return
         self.inbound[room] = Inbound(req, room, (host, port), time.monotonic() + self.timeout_s)
+
+    def _refused(self, bootstrap: tuple[str, int], room: int, text: str) -> None:
+        """Tell a prefill instance that the room it is (or will be) prefilling has no decode side."""
+        try:
+            peer = self.directory.cached(bootstrap) or self.directory.address(bootstrap)
+            PD.send(self.transport, peer, KVCancel(room, text))
+        except (OSError, TransportError) as e:
+            logger.warning("room %s: prefill instance not told of the refusal: %s", room, e)
 
     def requests(self) -> list[Req]:
         return [t.req for t in self.inbound.values()]

@@ -59,6 +59,7 @@ class PrefillTransfers(TransferManager):
         self.out: dict[int, Outbound] = {}
         self.early: dict[int, tuple[str, KVRequest, float]] = {}  # asks ahead of their request
         self.ended: dict[int, tuple[str, float]] = {}  # rooms ended before their decode side asked
+        self.refused: dict[int, tuple[str, float]] = {}  # rooms a decode side refused before they came
         self.meter = LoadMeter()  # reported to decode instances with each KVDone
 
     # ---- requests from the front end ----------------------------------------------------------
@@ -72,6 +73,11 @@ class PrefillTransfers(TransferManager):
         if room in self.out:
             raise ValueError(f"bootstrap_room {room} is already in use by request {self.out[room].req.rid}")
         req.params.max_new_tokens = 1  # the decode instance generates the rest
+        refused = self.refused.pop(room, None)
+        if refused is not None:  # its decode side already said no: prefilling it would be for nothing
+            req.finished_reason = finish_abort(refused[0], 400)
+            self.emit(req)
+            return
         self.scheduler.add_request(req)
         t = self.out[room] = Outbound(req, room)
         early = self.early.pop(room, None)
@@ -178,6 +184,8 @@ class PrefillTransfers(TransferManager):
             self._fail(t, f"the decode instance cancelled the transfer: {m.message}", 502)
         elif self.early.get(m.room, ("",))[0] == peer:
             del self.early[m.room]
+        elif t is None:  # ahead of its request (the decode side refused it at once): end it on arrival
+            self.refused[m.room] = (m.message, time.monotonic() + self.timeout_s)
         try:
             self.mover.fence(peer, m.room)
         except TransportError as e:
@@ -330,6 +338,7 @@ class PrefillTransfers(TransferManager):
             self._cancel_peer(t, text)
             self._fail(t, text, 502 if t.error else 504)
         self.ended = {room: e for room, e in self.ended.items() if e[1] >= now}
+        self.refused = {room: e for room, e in self.refused.items() if e[1] >= now}
         for room, (peer, _, deadline) in list(self.early.items()):
             if deadline < now:
                 del self.early[room]
