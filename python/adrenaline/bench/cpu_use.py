@@ -69,6 +69,12 @@ def per_token_ms(before: dict[str, float], after: dict[str, float], tokens: int)
     return {role: round((after[role] - before[role]) * 1e3 / n, 4) for role in after if role in before}
 
 
+def summary(cpu: dict[str, float]) -> str:
+    """One line: CPU ms per output token by role, largest first."""
+    parts = sorted(cpu.items(), key=lambda kv: -kv[1])
+    return "CPU ms per output token: " + ", ".join(f"{role} {ms:.3f}" for role, ms in parts)
+
+
 def cores_of(port: int) -> int:
     """How many cores the ``launch_server`` serving ``port`` may run on (0: not found here)."""
     for p in psutil.process_iter(["cmdline"]):

@@ -19,6 +19,7 @@ import argparse
 import os
 import threading
 
+from adrenaline.bench.cpu_use import summary
 from adrenaline.bench.pd import internal_state, pd_pair
 from adrenaline.bench.request_log import log_run
 from adrenaline.bench.serving import parse_args, run_client
@@ -113,6 +114,7 @@ def main() -> None:
             f"{res['max_itl_ms'] / 1000:.2f} | {batch:.1f} | {kv} |"
         )
         print(rows[-1], flush=True)
+        print(f"  {mode}: {summary(res['cpu_ms_per_token'])}", flush=True)
     print(f"\nserver args: {' '.join(extra) or '(defaults)'}; decode --max-total-tokens "
           f"{args.decode_max_total_tokens}; {args.num_prompts} prompts in {args.input_len} / out "
           f"{args.output_len}, concurrency {args.max_concurrency}; "

@@ -19,6 +19,7 @@ import os
 import sys
 from contextlib import contextmanager
 
+from adrenaline.bench.cpu_use import summary
 from adrenaline.bench.request_log import internal_state, log_run
 from adrenaline.bench.serving import parse_args, run_client, server
 from adrenaline.launch_pd import Cluster, router_command, wait_healthy, wait_serving
@@ -98,6 +99,7 @@ def main() -> None:
             res = run_client(port, model, args)
             log_run(args, f"single {mix}", res, before, internal_state(port)["stats"], port)
             rows.append(row("single", mix, res, None))
+            print(f"  single {mix}: {summary(res['cpu_ms_per_token'])}", flush=True)
         for transport in args.pd_transport:
             pair_args = [*extra, "--pd-transport", transport]
             logs = None if args.log_dir is None else os.path.join(args.log_dir, f"{transport}-{mix}")
@@ -108,6 +110,7 @@ def main() -> None:
                 run = f"1P1D {transport} {mix}"
                 log_run(args, run, res, start["stats"], end["stats"], decode_port, prefill_port, pair_args)
             rows.append(row(f"1P1D {transport}", mix, res, kv_per_request(before, after)))
+            print(f"  1P1D {transport} {mix}: {summary(res['cpu_ms_per_token'])}", flush=True)
         print("\n".join(rows[-1 - len(args.pd_transport) :]), flush=True)
     print(f"\nserver args: {' '.join(extra) or '(defaults)'}; {args.num_prompts} prompts, "
           f"concurrency {args.max_concurrency}; mixes (in/out): "
