@@ -5,7 +5,7 @@ the measured figures."""
 from __future__ import annotations
 
 from adrenaline.bench.request_log import offload_settings
-from adrenaline.core.profile import load_profile, save_profile
+from adrenaline.core.profile import Curve, load_profile, save_profile
 from adrenaline.core.run_log import Run, append_run, read_runs
 from adrenaline.sim import replay
 from adrenaline.sim.cli import parse
@@ -119,3 +119,18 @@ def test_streamed_tokens_cost_the_decode_step_their_front_end_and_host_cpu():
     _, fast = Setup(bare, dep, "static", 0.0).run(specs)
     _, slow = Setup(both, dep, "static", 0.0).run(specs)
     assert slow.tpot_p50_ms > fast.tpot_p50_ms and slow.output_tok_s < fast.output_tok_s
+
+
+def test_a_prefill_instance_pinned_to_part_of_the_machine_prefills_at_that_part_s_rate(tmp_path):
+    """The profile's prefill rate is measured with 0 and 1 of its 2 cores held away; a prefill
+    instance on 1 core runs at the second whether its executor works or not."""
+    prof = profile_of(AnalyticCost(MODEL, gpu("a100-80g")), 0.5)
+    prof.executor_threads, prof.prefill_threads = 1, 1
+    prof.prefill_interference = Curve([0, 1], [2000.0, 1000.0])
+    whole, pinned = ProfileCost(prof, MODEL, 6000), ProfileCost(prof, MODEL, 6000, prefill_cores=1)
+    assert whole.prefill_time(1000, 0) == 0.5 and whole.prefill_time(1000, 0, exec_share=0.3) == 1.0
+    assert pinned.prefill_time(1000, 0) == pinned.prefill_time(1000, 0, exec_share=0.3) == 1.0
+    log = tmp_path / "run.jsonl"
+    write_run_log(log, {"pinned": ({**DEPLOYMENT, "prefill_cores": 1}, {}), "older": (DEPLOYMENT, {})})
+    assert parse(["--replay", str(log), "--run", "pinned"]).prefill_cores == 1
+    assert parse(["--replay", str(log), "--run", "older"]).prefill_cores is None

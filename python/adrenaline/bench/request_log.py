@@ -70,6 +70,7 @@ def describe(decode_port: int, prefill_port: int | None, decode_flags: Sequence[
         p = internal_state(prefill_port)
         ex = p["disaggregation"].get("executor", {})
         dep["prefill_kv_tokens"] = p["max_total_num_tokens"]
+        dep["prefill_cores"] = cores_of(prefill_port)
         dep["executor_kv_tokens"] = ex["num_pages"] * p["kv_cache"]["page_size"] if "num_pages" in ex else 0
         dep.update(offload_settings(decode_flags))
         dep["offload"] = dep["offload_policy"] != "none" and dep["executor_kv_tokens"] > 0

@@ -48,6 +48,12 @@ def parser() -> argparse.ArgumentParser:
         "(a replayed benchmark's client and router: from its log)",
     )
     hw.add_argument(
+        "--prefill-cores",
+        type=int,
+        help="with --profile: the cores of the profile's machine a prefill instance runs on "
+        "(default: all; a replayed benchmark: from its log)",
+    )
+    hw.add_argument(
         "--model", default=None, help=f"{sorted(INLINE_CONFIGS)} or an HF config.json (or its dir)"
     )
     wl = p.add_argument_group("workload")
@@ -95,7 +101,8 @@ def setup_from(args: argparse.Namespace) -> Setup:
         model = ModelSpec.load(args.model or "smollm2-135m")
         if not args.decode_kv_tokens:
             raise SystemExit("--profile needs --decode-kv-tokens (a profile holds no memory sizes)")
-        cost = ProfileCost(prof, model, args.decode_kv_tokens, host_ms_per_token=args.host_ms_per_token)
+        host, cores = args.host_ms_per_token, args.prefill_cores
+        cost = ProfileCost(prof, model, args.decode_kv_tokens, host_ms_per_token=host, prefill_cores=cores)
         chunk = args.chunk_budget or 2048
     else:
         prof = None

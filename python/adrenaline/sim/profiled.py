@@ -30,14 +30,22 @@ class ProfileCost:
         transfer_bw: float = 1e9,  # bytes/s: PD KV transfer, not in the profile (loopback-TCP-class)
         transfer_latency: float = 200e-6,
         host_ms_per_token: float = 0.0,
+        prefill_cores: int | None = None,
     ) -> None:
+        """``prefill_cores``: the cores a prefill instance (and its executor) runs on, of the
+        profile's; prompts run at the profile's prefill rate with the others held away. None: all."""
         self.profile, self.model, self.kv_tokens = profile, model, kv_tokens
         self.per_token_ms = profile.frontend_ms_per_token + host_ms_per_token
+        total = profile.executor_threads + profile.prefill_threads  # the profile's cores
+        self.cores_away = total - min(prefill_cores or total, total)
         self.transfer_bw, self.transfer_latency = transfer_bw, transfer_latency
 
     def prefill_time(self, tokens: int, attn_pairs: float, exec_share: float = 0.0) -> float:
-        held = self.profile.executor_threads if exec_share > 0 else 0
-        return tokens / self.profile.prefill_tokens_per_s(held)
+        """At the profile's rate with the cores it cannot use held away: those outside its own
+        and, while the executor works, the executor's (the same cores when they are partitioned
+        apart; an executor time-sharing the prefill's own cores is not priced)."""
+        busy = self.profile.executor_threads if exec_share > 0 else 0
+        return tokens / self.profile.prefill_tokens_per_s(max(self.cores_away, busy))
 
     def dense_time(self, rows: int) -> float:
         """The forward's dense part, the scheduler's own work around it and the CPU the step's

@@ -68,6 +68,8 @@ def flag_defaults(run: Run) -> dict:
     out = {k: dep[k] for k in SAME if dep.get(k) is not None}
     out["offload"] = dep["offload"]
     out["host_ms_per_token"] = rig_share(run)
+    if dep.get("prefill_cores"):
+        out["prefill_cores"] = dep["prefill_cores"]
     if dep["offload"]:
         out["offload_policy"] = dep["offload_policy"]
     return out
