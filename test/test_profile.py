@@ -34,6 +34,8 @@ def test_quick_profile_of_a_tiny_model(tiny_model_factory, tmp_path):
     assert (p.num_layers, p.dtype, p.device, p.executor_threads) == (3, "float32", "cpu", 1)
     assert p.decode_dense.x == plan.dense_batches and p.exchange.x == plan.exchange_rows
     assert p.decode_overhead.x == plan.dense_batches
+    assert p.prefill_by_length.x == [plan.prefill_tokens, 4 * plan.prefill_tokens]
+    assert p.prefill_by_length.y[0] == p.prefill_interference.y[0] and p.prefill_by_length.y[1] > 0
     assert p.local_attention.batch == plan.attn_batches and p.executor_attention.context == plan.contexts
     values = [
         *p.decode_dense.y, *p.exchange.y, *p.executor_threads_scaling.y, *p.prefill_interference.y,
@@ -52,21 +54,32 @@ def test_quick_profile_of_a_tiny_model(tiny_model_factory, tmp_path):
         assert not pngs and "matplotlib is not installed" in proc.stdout
 
 
+CURVE, GRID = {"x": [1, 8], "y": [2.0, 3.0]}, {"batch": [1, 8], "context": [16, 256], "ms": [[1, 2], [3, 4]]}
+OLD = {
+    "version": 1,
+    "model": "m",
+    "dtype": "float32",
+    "device": "cpu",
+    "machine": "x",
+    "num_layers": 2,
+    "executor_threads": 1,
+    "prefill_threads": 1,
+    "decode_dense": CURVE,
+    "local_attention": GRID,
+    "executor_attention": GRID,
+    "executor_threads_scaling": CURVE,
+    "exchange": CURVE,
+    "prefill_interference": CURVE,
+    "created": "",
+}  # fmt: skip  (a profile as written before decode_overhead, front end and prompt lengths)
+
+
 def test_a_profile_without_the_overhead_curve_loads_and_prices_steps_as_before(tmp_path):
     """Profiles written before ``decode_overhead`` existed keep their version and their step prices."""
-    curve, grid = (
-        {"x": [1, 8], "y": [2.0, 3.0]},
-        {"batch": [1, 8], "context": [16, 256], "ms": [[1, 2], [3, 4]]},
-    )
-    old = {
-        "version": 1, "model": "m", "dtype": "float32", "device": "cpu", "machine": "x", "num_layers": 2,
-        "executor_threads": 1, "prefill_threads": 1, "decode_dense": curve, "local_attention": grid,
-        "executor_attention": grid, "executor_threads_scaling": curve, "exchange": curve,
-        "prefill_interference": curve, "created": "",
-    }  # fmt: skip
-    p = Profile.from_dict(old)
+    p = Profile.from_dict(OLD)
     assert p.overhead_ms(8) == 0.0 and p.step_ms(8, 256) == 3.0 + 2 * 4
     assert p.frontend_ms_per_token == 0.0  # not measured then
+    assert p.prefill_ms(500, 500 * 250) == 500 / p.prefill_tokens_per_s(0) * 1e3  # one rate for all
     p.decode_overhead = Curve([1, 8], [0.5, 1.5])
     assert p.step_ms(8, 256) == 3.0 + 1.5 + 2 * 4
     again = tmp_path / "p.json"
@@ -93,3 +106,19 @@ def test_a_served_streams_front_end_is_charged_per_token(default_model):
     token, and less than a whole token's decode step here (~30 ms)."""
     ms = frontend_ms_per_token(default_model, "float32", prompts=8, output_len=16, concurrency=8)
     assert 0 < ms < 30
+
+
+def test_a_long_prompt_is_priced_per_token_and_per_pair_from_the_two_lengths_measured():
+    """Measured: 256-token prompts at 1000 tokens/s, 1024-token ones at 800 (their attention grows
+    with the length). The two measured prompts come out at their own rates, a 640-token one in
+    between (linear in its mean context), and held-away cores scale all of it."""
+    p = Profile.from_dict(OLD)
+    p.prefill_interference = Curve([0, 1], [1000.0, 500.0])
+    p.prefill_by_length = Curve([256, 1024], [1000.0, 800.0])
+
+    def ms(n: int, held: int = 0) -> float:
+        return p.prefill_ms(n, n * n / 2, held)
+
+    assert math.isclose(ms(256), 256.0) and math.isclose(ms(1024), 1280.0)
+    assert math.isclose(ms(640) / 640, (1.0 + 1.25) / 2)
+    assert math.isclose(ms(1024, held=1), 2560.0)

@@ -19,6 +19,7 @@ JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per sec
       "prefill_interference": {"x": [cores held by executor load], "y": [prefill tokens/s, rest]},
       "decode_overhead":    {"x": [batch...],  "y": [ms per decode step outside the forward]},
       "frontend_ms_per_token": 0.31,               # HTTP front end + detokenizer CPU per token
+      "prefill_by_length":  {"x": [prompt tokens], "y": [prefill tokens/s, all cores]},
       "created": "2026-11-29T18:00:00Z"
     }
 
@@ -32,6 +33,10 @@ JSON layout (``version`` 1; times in milliseconds, throughputs in tokens per sec
 step around it (batch forming, sampling, finish checks, the streamed output sent on), which runs
 in series with the forward. A profile written before that curve existed loads with it at zero
 (the version stays 1): its steps are priced as before, without the overhead.
+
+``prefill_by_length`` times one prompt at two lengths (the interference curve's and 4x it) on all
+cores: the difference is the prompt's attention, which grows with its length, so a long prompt is
+priced per token and per (token x context) pair (``prefill_ms``).
 
 ``frontend_ms_per_token`` is the CPU the server's other processes spend per streamed token (SGLang's
 HTTP server and TokenizerManager, and its detokenizer), measured on a served stream. They run
@@ -122,6 +127,7 @@ class Profile:
     created: str = ""
     decode_overhead: Curve = field(default_factory=lambda: Curve([1], [0.0]))  # older profiles: none
     frontend_ms_per_token: float = 0.0  # older profiles, and ``--no-frontend``: not measured
+    prefill_by_length: Curve = field(default_factory=lambda: Curve([1], [0.0]))  # older: not measured
     version: int = field(default=VERSION)
 
     # ---- the quantities the policy and the simulator ask for -----------------------------------
@@ -152,6 +158,20 @@ class Profile:
     def prefill_tokens_per_s(self, busy_executor_threads: float) -> float:
         return self.prefill_interference.at(busy_executor_threads)
 
+    def prefill_ms(self, tokens: int, pairs: float, busy_executor_threads: float = 0) -> float:
+        """Prefilling ``tokens`` new tokens whose (token x its mean context) sum to ``pairs``: a
+        part per token and an attention part per pair, from the two prompt lengths measured, at
+        the rate the interference curve gives with ``busy_executor_threads`` held away. Without
+        those lengths (an older profile), every token at the measured prompt's rate."""
+        rate = self.prefill_tokens_per_s(busy_executor_threads)
+        lengths, rates = self.prefill_by_length.x, self.prefill_by_length.y
+        if len(lengths) < 2 or min(rates) <= 0:
+            return tokens / rate * 1e3
+        (l1, l2), (r1, r2) = lengths[:2], rates[:2]
+        per_pair = (1e3 / r2 - 1e3 / r1) / ((l2 - l1) / 2)  # ms; a prompt of L has L/2 mean context
+        per_token = 1e3 / r1 - per_pair * l1 / 2
+        return max(per_token * tokens + per_pair * pairs, 0.0) * r1 / rate
+
     def step_ms(
         self, local_batch: int, local_context: int, offloaded_batch: int = 0, remote_ms: float = 0.0
     ) -> float:
@@ -177,8 +197,12 @@ class Profile:
         return cls(**rest, **curves, **grids)
 
 
-_CURVES = ("decode_dense", "executor_threads_scaling", "exchange", "prefill_interference", "decode_overhead")
-_ADDED = ("decode_overhead",)  # curves added within version 1: a profile without one takes its default
+_CURVES = (
+    "decode_dense", "executor_threads_scaling", "exchange", "prefill_interference", "decode_overhead",
+    "prefill_by_length",
+)  # fmt: skip
+# curves added within version 1: a profile without one takes its default
+_ADDED = ("decode_overhead", "prefill_by_length")
 _GRIDS = ("local_attention", "executor_attention")
 
 

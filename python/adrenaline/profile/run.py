@@ -76,7 +76,7 @@ def run_profile(
     rig = Rig(model_path, dtype, max(plan.attn_batches), max(plan.contexts))
     mc, grid_points = rig.mc, len(plan.attn_batches) * len(plan.contexts)
     total = 3 * len(plan.dense_batches) + 2 * grid_points + len(cores) + len(plan.exchange_rows) + len(cores)
-    total += frontend
+    total += 1 + frontend  # the longer prompt, the served stream
     bar = tqdm(total=total, desc="profiling", unit="point")
 
     def measure(fn, *args) -> float:
@@ -114,6 +114,8 @@ def run_profile(
     finally:
         exchange.close()
     heads = (mc.num_heads, mc.num_kv_heads, mc.head_dim)
+    longer = 4 * plan.prefill_tokens  # the interference curve's prompt, and one 4x as long
+    long_rate = measure(rig.prefill_tokens_per_s, longer, plan.reps)
     busy, prefill = prefill_under_load(
         lambda: measure(rig.prefill_tokens_per_s, plan.prefill_tokens, plan.reps), heads, rig.dtype, cores
     )
@@ -135,6 +137,7 @@ def run_profile(
         executor_threads_scaling=Curve(threads, scaling),
         exchange=Curve(plan.exchange_rows, rising(trips)),
         prefill_interference=Curve(busy, prefill),
+        prefill_by_length=Curve([plan.prefill_tokens, longer], [prefill[0], long_rate]),
         decode_overhead=Curve(plan.dense_batches, rising(overhead)),
         frontend_ms_per_token=served,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -45,7 +45,7 @@ class ProfileCost:
         and, while the executor works, the executor's (the same cores when they are partitioned
         apart; an executor time-sharing the prefill's own cores is not priced)."""
         busy = self.profile.executor_threads if exec_share > 0 else 0
-        return tokens / self.profile.prefill_tokens_per_s(max(self.cores_away, busy))
+        return self.profile.prefill_ms(tokens, attn_pairs, max(self.cores_away, busy)) / 1e3
 
     def dense_time(self, rows: int) -> float:
         """The forward's dense part, the scheduler's own work around it and the CPU the step's
