@@ -134,3 +134,11 @@ def test_a_prefill_instance_pinned_to_part_of_the_machine_prefills_at_that_part_
     write_run_log(log, {"pinned": ({**DEPLOYMENT, "prefill_cores": 1}, {}), "older": (DEPLOYMENT, {})})
     assert parse(["--replay", str(log), "--run", "pinned"]).prefill_cores == 1
     assert parse(["--replay", str(log), "--run", "older"]).prefill_cores is None
+
+
+def test_a_tpot_the_client_could_not_measure_is_shown_but_not_judged():
+    """All of a request's tokens in one chunk give the client a TPOT of 0: no figure to predict."""
+    from adrenaline.sim.validate import comparable
+
+    assert not comparable("median_tpot_ms", 0.007) and comparable("median_tpot_ms", 30.7)
+    assert comparable("output_throughput", 0.5) and comparable("mean_decode_batch", 0.9)
