@@ -47,6 +47,8 @@ def test_roles_are_told_apart_and_the_cpu_is_charged_to_its_instance():
             "47123",
             "--disaggregation-mode",
             "decode",
+            "--disaggregation-bootstrap-port",
+            "47125",
         ],  # fmt: skip
         stdout=subprocess.PIPE,
         text=True,
@@ -55,6 +57,7 @@ def test_roles_are_told_apart_and_the_cpu_is_charged_to_its_instance():
         assert server.stdout.readline().strip() == "done"
         after = snapshot()
         assert cores_of(47123) == 1 and cores_of(47124) == 0
+        assert cores_of(47125) == 0  # another port flag's value is not the server's port
     finally:
         subprocess.run(["pkill", "-P", str(server.pid)])
         server.kill()

@@ -23,11 +23,14 @@ TITLES = {
 }
 
 
+def _flag(cmdline: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` on a command line (None: not given)."""
+    i = cmdline.index(flag) + 1 if flag in cmdline else len(cmdline)
+    return cmdline[i] if i < len(cmdline) else None
+
+
 def _mode(cmdline: list[str]) -> str:
-    if "--disaggregation-mode" in cmdline:
-        i = cmdline.index("--disaggregation-mode") + 1
-        return cmdline[i] if i < len(cmdline) else "single"
-    return "single"
+    return _flag(cmdline, "--disaggregation-mode") or "single"
 
 
 def snapshot() -> dict[str, float]:
@@ -79,7 +82,7 @@ def cores_of(port: int) -> int:
     """How many cores the ``launch_server`` serving ``port`` may run on (0: not found here)."""
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "adrenaline.launch_server" in cmd and "--port" in cmd and str(port) in cmd:
+        if "adrenaline.launch_server" in cmd and _flag(cmd, "--port") == str(port):
             try:
                 return len(p.cpu_affinity())
             except psutil.Error:

@@ -120,9 +120,9 @@ def run_client(
             result = json.loads(f.read().splitlines()[-1])
         with open(records) as f:
             *sent, client = [json.loads(line) for line in f]
-    cpu = per_token_ms(cpu_before, snapshot(), result["total_output_tokens"])
-    cpu["client"] = round(client["client_cpu_s"] * 1e3 / max(result["total_output_tokens"], 1), 4)
-    result["cpu_ms_per_token"] = cpu
+    before = {**cpu_before, "client": 0.0}
+    after = {**snapshot(), "client": client["client_cpu_s"]}  # its own, from its first request
+    result["cpu_ms_per_token"] = per_token_ms(before, after, result["total_output_tokens"])
     t0 = min((r["start_time"] for r in sent), default=0.0)
     result["requests"] = [
         {
