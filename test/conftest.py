@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,6 +112,20 @@ def hf_oracle_factory():
         return cache[path]
 
     return make
+
+
+def freeze(pid: int, timeout_s: float = 10) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped: ``kill`` returns before the
+    signal lands, and a peer thread still running could complete the very transfer under test."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = Path(f"/proc/{pid}/task").glob("*/stat")
+        states = [stat.read_text().rsplit(")", 1)[1].split()[0] for stat in stats]  # after "(comm)"
+        if states and all(s in "tT" for s in states):
+            return
+        time.sleep(0.001)
+    raise TimeoutError(f"process {pid} did not stop within {timeout_s} s")
 
 
 def random_prompts(n: int, vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

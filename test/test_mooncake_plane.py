@@ -5,7 +5,6 @@ or frozen peer is an error, not a hang."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import msgspec
 import pytest
 import torch
+from conftest import freeze
 
 from adrenaline.kv_cache.pool import KVPool
 from adrenaline.procs import spawn
@@ -186,7 +186,7 @@ def test_frozen_peer_is_an_error_within_the_timeout(peer):
     try:
         session = plane.connect(desc)
         plane.write_pages(session, [0], [0])
-        os.kill(proc.pid, signal.SIGSTOP)
+        freeze(proc.pid)
         start = time.monotonic()
         with pytest.raises(TransportError):
             plane.write_pages(session, list(range(10)), list(range(10)), notice=(1, 1))

@@ -15,6 +15,7 @@ import msgspec
 import psutil
 import pytest
 import torch
+from conftest import freeze
 
 from adrenaline.attention.base import AttentionBatch
 from adrenaline.attention.torch_backend import TorchAttentionBackend
@@ -202,7 +203,7 @@ def test_dead_executor_raises_instead_of_hanging(executor):
 def test_stopped_executor_times_out(executor):
     ch = executor.connect("d", timeout_s=0.5)
     ch.begin(1, [1], [2])
-    os.kill(executor.proc.pid, signal.SIGSTOP)
+    freeze(executor.proc.pid)
     try:
         ch.submit(0, *rand_qkv(1, torch.Generator()))
         with pytest.raises(PeerTimeout):

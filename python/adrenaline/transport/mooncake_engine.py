@@ -6,6 +6,11 @@ own timeouts. This wrapper turns codes into ``TransportError``, refuses a protoc
 could not use before it starts, caps the engine's timeouts at ours, refuses writes outside the
 peer's registered regions before they are issued, and sorts completion notices (``notify``) by
 name so several planes can share one engine.
+
+One wait it cannot cap: the engine sends a notice over its handshake socket after the data has
+landed, with a read timeout fixed at 60 s in the engine, and only logs the notice's failure. A
+peer that freezes in that window holds ``write`` for up to 60 s and the write still reports
+success; the receiver, which never sees the notice, ends the request on its own timeout.
 """
 
 from __future__ import annotations
