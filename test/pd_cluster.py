@@ -56,6 +56,7 @@ class Cluster:
         exchange: str = "tcp",  # the decode side's per-layer data path: tcp, shm (shared memory), mooncake
         kv_plane: str = "tcp",  # how KV pages travel: tcp (messages) or mooncake (one-sided writes)
         decode_tokens: int = ENGINE_ARGS["max_total_tokens"],  # the decode instance's KV pool
+        prefill_chunk: int = 2048,  # the prefill instance's chunked_prefill_size
     ) -> None:
         self.net = MemoryNetwork()
         engines = (
@@ -63,7 +64,7 @@ class Cluster:
         )  # prefill, decode, executor
         self.engines = [MooncakeEngine(timeout_s=pd_timeout) for _ in range(engines)]
         self.emitted: dict[str, list[Req]] = {"prefill": [], "decode": []}
-        pe = Engine(model, **ENGINE_ARGS)
+        pe = Engine(model, **ENGINE_ARGS, chunked_prefill_size=prefill_chunk)
         de = Engine(model, **{**ENGINE_ARGS, "max_total_tokens": decode_tokens})
         self.p_sched = pe.scheduler
         pt, dt = self.net.endpoint(), self.net.endpoint()

@@ -245,6 +245,36 @@ def test_executor_death_and_respawn(cluster, want, monkeypatch):
     cluster.assert_clean()
 
 
+@pytest.mark.parametrize(
+    "cluster", [{"pd_timeout": 1.0}, {"pd_timeout": 1.0, "offload_ratio": float("inf")}], indirect=True
+)
+def test_the_prefill_reply_leaves_with_its_kv_not_after_the_ack(cluster, want):
+    """The router forwards the decode side's stream only after the prefill's reply, and an ack
+    reaches the prefill loop only between its forwards: the reply leaves with the KVDone. An ack
+    that never comes ends the transfer there after the timeout, with no second reply and no cancel
+    of a decode side that has its KV."""
+    ids = prompts(1)[0]
+    cluster.net.hold_kinds = {"KVAck"}
+    p, d = cluster.add("r", ids, N, room=3)
+    cluster.run(lambda: bool(cluster.net.held))
+    assert cluster.emitted["prefill"] == [p] and p.finished_reason["type"] == "length"
+    assert 3 in cluster.prefill.out  # still its transfer until acknowledged
+    cluster.net.release()
+    cluster.run(lambda: finished(d) and cluster.idle())
+    assert d.output_ids == want([ids])[0] and cluster.prefill.stats.transfers == 1
+    cluster.assert_clean()
+
+    cluster.net.hold_kinds = {"KVAck"}
+    p, d = cluster.add("s", ids, N, room=4)
+    cluster.run(lambda: bool(cluster.net.held))
+    cluster.net.held.clear()  # lost: the prefill side times out waiting for it
+    cluster.net.hold_kinds = set()
+    cluster.run(lambda: finished(d) and cluster.idle())
+    assert cluster.emitted["prefill"].count(p) == 1 and p.finished_reason["type"] == "length"
+    assert d.output_ids == want([ids])[0] and cluster.prefill.stats.failures == 1
+    cluster.assert_clean()
+
+
 @pytest.mark.parametrize("cluster", [{"pd_timeout": 0.5}, mooncake(pd_timeout=0.5)], indirect=True)
 def test_silent_prefill_instance_times_out(cluster):
     cluster.net.cut(cluster.prefill.transport.address)
@@ -290,20 +320,26 @@ STATES = {"queued": _queued, "kv in flight": _kv_in_flight, "prefilled": _prefil
 
 @pytest.mark.parametrize(
     "cluster",
-    [{}, {"offload_ratio": float("inf")}, mooncake()],
+    [{"prefill_chunk": 8}, {"prefill_chunk": 8, "offload_ratio": float("inf")}, mooncake(prefill_chunk=8)],
     ids=["local", "offloaded", "mooncake"],
     indirect=True,
 )
 @pytest.mark.parametrize("state", list(STATES))
 @pytest.mark.parametrize("side", ["decode", "prefill"])
 def test_abort_in_every_state(cluster, state, side):
-    """An abort on either side, in every state, ends the request on both and frees everything."""
-    p, d = cluster.add("r", prompts(1, seed=4)[0], 40, room=9)
+    """An abort on either side, in every state, ends the request on both and frees everything.
+    Once the prefill side has replied (with its KVDone) its part is over: only the decode side's
+    is left. Pages in flight come before the reply, except offloaded (the last chunk is computed
+    before the executor grants its pages)."""
+    p, d = cluster.add("r", prompts(3, seed=4)[2], 40, room=9)  # 30 tokens: 4 chunks of 8
     STATES[state](cluster, p, d)
+    replied = p in cluster.emitted["prefill"]
+    offloaded = cluster.executor is not None
+    assert replied == (state in ("prefilled", "decoding")) or (state == "kv in flight" and offloaded)
     cluster.abort(side, "r")
     cluster.net.release()
     cluster.run(lambda: finished(p, d) and cluster.idle())
-    if state == "decoding":  # the prefill side's part is over: only the decode side's is left
+    if replied:
         assert p.finished_reason["type"] == "length"
         assert d.finished_reason["type"] == ("abort" if side == "decode" else "length")
     else:  # the other side learns of it at once

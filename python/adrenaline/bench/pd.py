@@ -7,9 +7,10 @@ For each mix (decode-heavy: short prompts, long outputs; prefill-heavy: long pro
 outputs) it serves the default model once as a single instance on all cores, then as a 1P1D pair
 with the prefill instance on the first half of the cores and the decode instance on the second,
 and drives each with ``sglang.benchmark.serving``, once per ``--pd-transport`` (side by side).
-Prints a markdown table with throughput, TTFT/TPOT p50/p99 and, per request, the KV bytes the
-prefill instance sent, the time its loop spent handing them to the data plane (KV send) and the
-time from its prompt computed to the decode side's acknowledgement (KV handoff).
+Prints a markdown table with throughput, TTFT/TPOT p50/p99, the longest gap between two chunks
+of a stream and, per request, the KV bytes the prefill instance sent, the time its loop spent
+handing them to the data plane (KV send) and the time from its prompt computed to the decode
+side's acknowledgement (KV handoff).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def row(name: str, mix: str, res: dict, kv: tuple[float, float, float] | None) -
     return (
         f"| {name} | {mix} | {res['output_throughput']:.1f} | {res['request_throughput']:.2f} | "
         f"{res['median_ttft_ms']:.0f} / {res['p99_ttft_ms']:.0f} | "
-        f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {cells} |"
+        f"{res['median_tpot_ms']:.0f} / {res['p99_tpot_ms']:.0f} | {res['max_itl_ms'] / 1000:.2f} | {cells} |"
     )
 
 
@@ -116,10 +117,10 @@ def main() -> None:
           f"concurrency {args.max_concurrency}; mixes (in/out): "
           + ", ".join(f"{m} {MIXES[m][0]}/{MIXES[m][1]}" for m in args.mixes))  # fmt: skip
     print(
-        "| mode | mix | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | KV MiB/req "
-        "| KV send ms/req | KV handoff ms/req |"
+        "| mode | mix | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | max gap (s) "
+        "| KV MiB/req | KV send ms/req | KV handoff ms/req |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

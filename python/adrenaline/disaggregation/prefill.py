@@ -2,14 +2,17 @@
 
 A routed request is prefilled like any other, limited to its first token. Its KV pages go to the
 decode instance as soon as both are known: the pages the decode side reserved (its ``KVRequest``)
-and the pages computed here, chunk by chunk. Pages a finished request no longer needs are held
-until they are sent. Its reply (first token, prompt logprobs) leaves when the decode side
-acknowledges the KV; a decode side that never asks or acknowledges ends it with an error after
-``timeout_s``, and every page is freed either way. Pages move through a ``KVPageMover``: over the
-transport, or in place into the colocated attention executor's pool for an offloaded request
-(whose page grant arrives later, without blocking the loop). Pages that cannot be sent end the
-transfer at the next ``expire``. Over a one-sided mover (Mooncake), a decode side's cancel is
-answered with a fence once this side will write no more into its pages.
+and the pages computed here, chunk by chunk. Pages a finished request no longer needs are held until
+they are sent. Its reply (first token, prompt logprobs) leaves with the last of it (the ``KVDone``),
+as SGLang's prefill replies once its sender completes: the router forwards the decode side's stream
+only after this reply, and the decode side's acknowledgement reaches this loop only between
+forwards, up to a whole prefill batch later. A decode side that never asks ends the request with an
+error after ``timeout_s``; an acknowledgement that never comes only ends the transfer here (that
+decode side has its KV, or times out by itself). Every page is freed either way. Pages move through
+a ``KVPageMover``: over the transport, or in place into the colocated attention executor's pool for
+an offloaded request (whose page grant arrives later, without blocking the loop). Pages that cannot
+be sent end the transfer at the next ``expire``. Over a one-sided mover (Mooncake), a decode side's
+cancel is answered with a fence once this side will write no more into its pages.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Outbound:
     last_sent: float = 0.0  # keepalives tell a waiting decode side we are still at it
     error: str | None = None  # pages could not be sent: ``expire`` ends the transfer
     computed_at: float = 0.0  # when the whole prompt's KV was computed (for the handoff time)
+    replied: bool = False  # its reply left with the KVDone: an ending after it frees, reports nothing
 
 
 class PrefillTransfers(TransferManager):
@@ -88,7 +92,7 @@ class PrefillTransfers(TransferManager):
         return [t.req for t in self.out.values()]
 
     def abort(self, rid: str, reason: dict) -> list[Req]:
-        hit = [t for t in self.out.values() if t.req.rid == rid]
+        hit = [t for t in self.out.values() if t.req.rid == rid and not t.replied]
         out: list[Req] = []
         for t in hit:
             self._cancel_peer(t, f"aborted on the prefill instance: {reason.get('message')}")
@@ -116,7 +120,7 @@ class PrefillTransfers(TransferManager):
                 t.deadline = time.monotonic() + self.timeout_s
 
     def after_step(self, progressed: list[Req]) -> list[Req]:
-        """The requests to report now: routed ones wait for the decode side's acknowledgement."""
+        """The requests to report now: routed ones leave with their ``KVDone`` (``_send_done``)."""
         report = []
         for req in progressed:
             t = self._outbound(req)
@@ -164,7 +168,6 @@ class PrefillTransfers(TransferManager):
         elif isinstance(m, KVAck):
             self.stats.transfers += 1
             self.stats.handoff_s += time.monotonic() - t.computed_at
-            self.emit(t.req)
             del self.out[m.room]
 
     def _accept(self, peer: str, m: KVRequest) -> str | None:
@@ -276,9 +279,11 @@ class PrefillTransfers(TransferManager):
         )
         try:
             self._send(t, msg)
-            t.done_sent = True
         except TransportError as e:
             logger.warning("first token of room %s not sent: %s", t.room, e)
+            return
+        t.done_sent = t.replied = True
+        self.emit(t.req)
 
     def _send(self, t: Outbound, msg) -> None:
         PD.send(self.transport, t.peer, msg)
@@ -312,9 +317,11 @@ class PrefillTransfers(TransferManager):
         if t.peer is None:  # its decode side may still ask: answer at once, not after a timeout
             self.ended[t.room] = (str(reason.get("message")), time.monotonic() + self.timeout_s)
         self._release_held(t)
-        if t.offload:
-            self.executor.free([t.room])
         self.stats.failures += failed
+        if t.offload and not (t.replied and t.peer is not None):  # else its decode side frees it
+            self.executor.free([t.room])
+        if t.replied:  # the request is over here: its decode side's stream says how it ends
+            return []
         if t.req.finished and t.req.finished_reason.get("type") == "abort":
             return [t.req]
         aborted = self.scheduler.abort(t.req.rid, reason)
@@ -335,7 +342,8 @@ class PrefillTransfers(TransferManager):
             late = f"no decode instance {what} the KV of bootstrap room {t.room} within {self.timeout_s:g} s"
             text = t.error or late
             logger.warning(text)
-            self._cancel_peer(t, text)
+            if not t.replied:  # a replied one's decode side has its KV, or times out by itself
+                self._cancel_peer(t, text)
             self._fail(t, text, 502 if t.error else 504)
         self.ended = {room: e for room, e in self.ended.items() if e[1] >= now}
         self.refused = {room: e for room, e in self.refused.items() if e[1] >= now}
