@@ -44,13 +44,12 @@ class Outbound:
     sent: int = 0  # pages sent so far
     held: list[int] = field(default_factory=list)  # computed, unsent pages held past the request
     prompt_done: bool = False  # the whole prompt's KV is computed
-    done_sent: bool = False
+    replied: bool = False  # the KVDone, and with it the reply, left: an ending after it reports nothing
     offload: bool = False  # the KV goes into the attention executor's pool
     deadline: float = float("inf")  # set while waiting on the decode side, not while computing
     last_sent: float = 0.0  # keepalives tell a waiting decode side we are still at it
     error: str | None = None  # pages could not be sent: ``expire`` ends the transfer
     computed_at: float = 0.0  # when the whole prompt's KV was computed (for the handoff time)
-    replied: bool = False  # its reply left with the KVDone: an ending after it frees, reports nothing
 
 
 class PrefillTransfers(TransferManager):
@@ -266,7 +265,7 @@ class PrefillTransfers(TransferManager):
         self.stats.pages += len(pages)
 
     def _send_done(self, t: Outbound) -> None:
-        if t.peer is None or t.done_sent or t.sent < len(t.dst_pages):
+        if t.peer is None or t.replied or t.sent < len(t.dst_pages):
             return
         req = t.req
         msg = KVDone(
@@ -282,7 +281,7 @@ class PrefillTransfers(TransferManager):
         except TransportError as e:
             logger.warning("first token of room %s not sent: %s", t.room, e)
             return
-        t.done_sent = t.replied = True
+        t.replied = True
         self.emit(t.req)
 
     def _send(self, t: Outbound, msg) -> None:
@@ -335,7 +334,7 @@ class PrefillTransfers(TransferManager):
         now = time.monotonic()
         self.meter.sample(sum(not t.prompt_done for t in self.out.values()), now)
         for t in self.out.values():  # still prefilling (queued, or a long prompt): say so
-            if t.peer is not None and not t.done_sent and now - t.last_sent > self.timeout_s / 3:
+            if t.peer is not None and not t.replied and now - t.last_sent > self.timeout_s / 3:
                 self._send(t, KVAlive(t.room))
         for t in [t for t in self.out.values() if t.deadline < now or t.error is not None]:
             what = "acknowledged" if t.peer else "claimed"

@@ -53,6 +53,7 @@ class ShmExchange(AttentionExchange):
         self.channels: dict[str, ShmClientChannel] = {}
         self.tcp_only: set[str] = set()  # executors that refused or broke a channel (auto)
         self.errors: dict[str, str] = {}  # executor -> why this step's group cannot be served
+        self.exited: set[str] = set()  # executors whose channel broke as their process exited
 
     @property
     def transport(self) -> Transport:
@@ -79,6 +80,7 @@ class ShmExchange(AttentionExchange):
             return self._refused(executor, str(e))
         logger.info("attention executor %s: per-layer exchange over shared memory", executor)
         self.channels[executor] = ch
+        self.exited.discard(executor)
         return ch
 
     @staticmethod
@@ -100,6 +102,9 @@ class ShmExchange(AttentionExchange):
         """Close a failed channel (unless the executor only reported an error) and say why."""
         ch = self.channels.get(executor)
         if ch is not None and (ch.broken or ch.closing):
+            if ch.peer_gone():  # known now, by its pidfd: not when TCP's monitor notices
+                self.exited.add(executor)
+                self.executor_pages.pop(executor, None)
             self.channels.pop(executor).close()
             if self.mode == "auto":
                 self.tcp_only.add(executor)
@@ -175,7 +180,9 @@ class ShmExchange(AttentionExchange):
 
     def gone(self, executor: str) -> bool:
         ch = self.channels.get(executor)
-        return ch.peer_gone() if ch is not None else self.tcp.gone(executor)
+        if ch is not None:
+            return ch.peer_gone()
+        return executor in self.exited or self.tcp.gone(executor)
 
     def info(self) -> dict:
         return {
