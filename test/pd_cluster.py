@@ -15,6 +15,7 @@ import torch
 from server_utils import STARTUP_TIMEOUT_S, Server
 
 from adrenaline import Engine, launch_pd
+from adrenaline.config import EngineConfig
 from adrenaline.core.request import Bootstrap, Req, finish_abort
 from adrenaline.core.sampling_params import SamplingParams
 from adrenaline.disaggregation.decode import DecodeTransfers
@@ -56,7 +57,7 @@ class Cluster:
         exchange: str = "tcp",  # the decode side's per-layer data path: tcp, shm (shared memory), mooncake
         kv_plane: str = "tcp",  # how KV pages travel: tcp (messages) or mooncake (one-sided writes)
         decode_tokens: int = ENGINE_ARGS["max_total_tokens"],  # the decode instance's KV pool
-        prefill_chunk: int = 2048,  # the prefill instance's chunked_prefill_size
+        prefill_chunk: int = EngineConfig.chunked_prefill_size,  # the prefill's forward budget
     ) -> None:
         self.net = MemoryNetwork()
         engines = (
